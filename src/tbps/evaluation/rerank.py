@@ -1,0 +1,178 @@
+"""Generic re-ranking of text-to-image similarity matrices.
+
+* :func:`rvn_rerank` - reciprocal-view-neighbour re-ranking (NAFS, Gao et al. 2021), corrected.
+* :func:`two_stage_similarity` - coarse retrieval of the top-k candidates, then a fine scorer on them.
+
+Both return a new [num_texts x num_images] matrix to feed :func:`tbps.evaluation.rank`.  Every
+top-l / top-k selection uses the same rule as ``rank``: a stable descending sort, so tied scores
+keep gallery order (the lower image index comes first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["rvn_rerank", "two_stage_similarity"]
+
+
+def _check_matrix(name: str, matrix: torch.Tensor) -> torch.Tensor:
+    matrix = torch.as_tensor(matrix)
+    if matrix.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(matrix.shape)}")
+    if torch.isnan(matrix).any():
+        raise ValueError(f"{name} contains NaN")
+    return matrix
+
+
+def _stable_top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` best entries per row, best first, ties broken by lower index."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :count]
+
+
+def _place_candidates_first(coarse: torch.Tensor, candidates: torch.Tensor, candidate_scores: torch.Tensor) -> torch.Tensor:
+    """Rows whose ``candidates`` carry ``candidate_scores`` and all other entries rank strictly below them.
+
+    Per row, non-candidates are shifted by a constant offset (4):
+        out = coarse - max(coarse) + (min(candidate_scores) - margin),  margin = 1 + 0.01 * |min(candidate_scores)|
+    The shift is the same for the whole row, so non-candidates keep their coarse order and score gaps,
+    and the largest of them is ``margin`` below the weakest candidate.  The relative margin keeps that
+    gap representable even for large fine scores.  The offsets are computed in float64 and cast to the
+    output dtype, so non-candidate order is exact unless coarse gaps are finer than the output dtype's
+    resolution at the fine scores' magnitude.
+    """
+    out_dtype = torch.promote_types(coarse.dtype, candidate_scores.dtype)
+    if not out_dtype.is_floating_point:
+        out_dtype = torch.get_default_dtype()
+    coarse64 = coarse.double()
+    fine64 = candidate_scores.double()
+    fine_min = fine64.min(dim=1, keepdim=True).values
+    floor = fine_min - (1.0 + 0.01 * fine_min.abs())
+    shifted = coarse64 - coarse64.max(dim=1, keepdim=True).values + floor  # (4)
+    shifted.scatter_(1, candidates, fine64)
+    return shifted.to(out_dtype)
+
+
+def rvn_rerank(
+    text_image_sim: torch.Tensor,
+    image_image_sim: torch.Tensor,
+    neighbours: int = 10,
+    *,
+    chunk_size: int = 1024,
+    rerank_top: int | None = None,
+) -> torch.Tensor:
+    """Reciprocal-view-neighbour re-ranking (NAFS, Gao et al., "Contextual Non-Local Alignment over
+    Full-Scale Representation for Text-Based Person Search", 2021), with the published bug fixed.
+
+    For a text T and image I, with l = ``neighbours``:
+
+    * (5) N_t2i(T) = the top-l images for T by ``text_image_sim``
+    * (6) N_i2i(I) = the top-l images for I by ``image_image_sim`` (global image-image cosine)
+    * (7) S'(T, I) = 0.5 * (S(T, I) + |N_t2i(T) & N_i2i(I)| / |N_t2i(T) | N_i2i(I)|)
+
+    Both neighbourhoods are sets of *image* indices (the published code intersected text indices
+    with image indices).  Image I always counts as its own neighbour: the diagonal of
+    ``image_image_sim`` is treated as +inf, so N_i2i(I) = {I} plus its l - 1 best other images.
+    l is clipped to the number of images, so both sets have exactly l members and
+    |union| = 2l - |intersection|.
+
+    The intersection equals M_t2i @ M_i2i^T for the binary membership matrices [T x I] and [I x I];
+    it is computed as l column gathers of M_t2i (one per neighbour slot), O(T * I * l) work and
+    O(chunk_size * I) memory per chunk of texts instead of a dense [I x I] product.
+
+    ``rerank_top``: if given, only the top ``rerank_top`` images per text (by ``text_image_sim``) are
+    re-scored with (7); all others rank after them in their original order (offsets as in
+    :func:`two_stage_similarity`).  Returns a new float [T x I] matrix on the input's device.
+    """
+    sim = _check_matrix("text_image_sim", text_image_sim)
+    image_sim = _check_matrix("image_image_sim", image_image_sim)
+    num_texts, num_images = sim.shape
+    if image_sim.shape != (num_images, num_images):
+        raise ValueError(
+            f"image_image_sim must have shape ({num_images}, {num_images}) to match text_image_sim "
+            f"{tuple(sim.shape)}, got {tuple(image_sim.shape)}"
+        )
+    if not isinstance(neighbours, int) or neighbours < 1:
+        raise ValueError(f"neighbours must be a positive integer, got {neighbours!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if rerank_top is not None and (not isinstance(rerank_top, int) or rerank_top < 1):
+        raise ValueError(f"rerank_top must be a positive integer or None, got {rerank_top!r}")
+    if not sim.is_floating_point():
+        sim = sim.float()
+    if num_images == 0:
+        return sim.clone()
+    num_neighbours = min(neighbours, num_images)
+
+    # (6) with self forced in: +inf on the diagonal puts image I first among its own neighbours.
+    image_scores = image_sim.to(device=sim.device, copy=True)
+    if not image_scores.is_floating_point():
+        image_scores = image_scores.float()
+    image_scores.fill_diagonal_(float("inf"))
+    image_neighbours = _stable_top(image_scores, num_neighbours)  # [I x l]
+    del image_scores
+
+    out = torch.empty_like(sim)
+    for start in range(0, num_texts, chunk_size):
+        block = sim[start : start + chunk_size]
+        text_neighbours = _stable_top(block, num_neighbours)  # (5), [c x l]
+        membership = torch.zeros(block.shape, dtype=torch.float32, device=sim.device)
+        membership.scatter_(1, text_neighbours, 1.0)  # M_t2i rows of this chunk
+        intersection = torch.zeros_like(membership)
+        for slot in range(num_neighbours):
+            # intersection[t, i] += M_t2i[t, N_i2i(i)[slot]]  (counts are exact small integers in float32)
+            intersection += membership.index_select(1, image_neighbours[:, slot])
+        intersection = intersection.to(block.dtype)
+        jaccard = intersection / (2 * num_neighbours - intersection)
+        rescored = 0.5 * (block + jaccard)  # (7)
+        if rerank_top is not None and rerank_top < num_images:
+            candidates = _stable_top(block, rerank_top)
+            rescored = _place_candidates_first(block, candidates, torch.gather(rescored, 1, candidates)).to(sim.dtype)
+        out[start : start + chunk_size] = rescored
+    return out
+
+
+def two_stage_similarity(
+    coarse_sim: torch.Tensor,
+    fine_scorer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    top_k: int,
+    *,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Two-stage retrieval: keep the top ``top_k`` images per text by ``coarse_sim``, re-score them.
+
+    ``fine_scorer(query_indices, candidate_indices)`` gets the (global) text indices [q] of a chunk
+    and their candidate image indices [q x k] in stage-1 order (best first), and returns fine
+    scores [q x k] (higher = better).
+
+    The returned [T x I] matrix holds the fine scores at the candidates; every other image gets
+    ``coarse - max(coarse) + min(fine) - margin`` per row (see (4) in ``_place_candidates_first``),
+    which puts all non-candidates strictly below every candidate and in their stage-1 order.  So
+    :func:`tbps.evaluation.rank` on the result sees the candidates ordered by fine score (ties by
+    image index), then the rest by coarse score.  ``top_k >= num_images`` is full fine scoring.
+    The output dtype is the promotion of the coarse and fine dtypes.
+    """
+    coarse = _check_matrix("coarse_sim", coarse_sim)
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    num_texts, num_images = coarse.shape
+    k = min(top_k, num_images)
+    rows: list[torch.Tensor] = []
+    for start in range(0, num_texts, chunk_size):
+        block = coarse[start : start + chunk_size]
+        query_indices = torch.arange(start, start + block.shape[0], device=coarse.device)
+        candidates = _stable_top(block, k)  # stage 1
+        fine = torch.as_tensor(fine_scorer(query_indices, candidates)).to(coarse.device)
+        if fine.shape != candidates.shape:
+            raise ValueError(
+                f"fine_scorer returned shape {tuple(fine.shape)} for candidates of shape {tuple(candidates.shape)}"
+            )
+        if torch.isnan(fine).any():
+            raise ValueError(f"fine_scorer returned NaN scores for queries {start}..{start + block.shape[0] - 1}")
+        rows.append(_place_candidates_first(block, candidates, fine))
+    if not rows:
+        return coarse.to(torch.promote_types(coarse.dtype, torch.get_default_dtype())).clone()
+    return torch.cat(rows)

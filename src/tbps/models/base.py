@@ -1,0 +1,134 @@
+"""The method interface shared by the trainer, the evaluator and the search index.
+
+Every method (baseline, NAFS, ACSA, ISANet, LAIP, and any fifth one) subclasses
+:class:`PersonSearchMethod` and is registered with ``@register_method``. The rest of tbps talks
+to methods only through this interface:
+
+* ``build_text_processor()`` returns a picklable callable turning captions into the tensors
+  ``encode_text`` expects (it runs inside data-loader workers);
+* ``encode_image(images)`` / ``encode_text(text_batch)`` return :data:`Features`: a dict of
+  tensors, batch first, with at least ``"global"`` (the vector indexed by FAISS for stage 1);
+  local sets (regions, phrases, tokens) ride along under other keys;
+* ``similarity(text_features, image_features)`` scores every text against every image (global
+  cosine by default); ``score_candidates`` scores each text against its own candidate images,
+  which is what two-stage retrieval needs;
+* ``forward(batch)`` returns a dict of named, already weighted losses; their sum is optimised.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Features = dict[str, Tensor]
+TextProcessor = Callable[[Sequence[str]], dict[str, Tensor]]
+
+# Parameters whose qualified name starts with one of these belong to a pretrained backbone and
+# get the backbone learning rate; everything else is a new layer.
+BACKBONE_PREFIXES = ("image_backbone.", "text_backbone.")
+
+
+def index_features(features: Mapping[str, Tensor], index: Tensor | slice) -> Features:
+    """Select the same rows of every tensor in a feature dict."""
+    return {key: value[index] for key, value in features.items()}
+
+
+def concat_features(chunks: Sequence[Mapping[str, Tensor]]) -> Features:
+    """Concatenate feature dicts along the batch dimension."""
+    if not chunks:
+        raise ValueError("no feature chunks to concatenate")
+    return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+
+
+def _identity_gather(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+class PersonSearchMethod(nn.Module, metaclass=abc.ABCMeta):
+    """Base class of every text-based person search method."""
+
+    method_name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    # Whether score_candidates adds something over the global cosine (two-stage retrieval is
+    # then worth running by default).
+    has_fine_similarity: ClassVar[bool] = False
+
+    def __init__(self, config: Any, num_classes: int, image_size: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = int(num_classes)
+        self.image_size = tuple(image_size) if image_size is not None else None
+        # Replaced by the training engine under DDP with an all-gather that keeps gradients, so
+        # batch-level losses (CMPM, ITC, ...) see every process's samples.
+        self.gather: Callable[[Tensor], Tensor] = _identity_gather
+
+    # ----------------------------------------------------------------- text input
+    def fit_text(self, captions: Sequence[str]) -> None:
+        """Called once with all training captions before training (e.g. to build a vocabulary)."""
+
+    @abc.abstractmethod
+    def build_text_processor(self) -> TextProcessor:
+        """A picklable callable: captions -> the tensors :meth:`encode_text` takes."""
+
+    # ----------------------------------------------------------------- encoders
+    @abc.abstractmethod
+    def encode_image(self, images: Tensor) -> Features:
+        """Images [B x 3 x H x W] -> features with at least ``"global"`` [B x D]."""
+
+    @abc.abstractmethod
+    def encode_text(self, text: Mapping[str, Tensor]) -> Features:
+        """Text tensors from the text processor -> features with at least ``"global"``."""
+
+    @property
+    def image_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Normalisation matching the image backbone's pretraining."""
+        backbone = getattr(self, "image_backbone", None)
+        if backbone is None:
+            return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        return backbone.mean, backbone.std
+
+    # ----------------------------------------------------------------- similarity
+    @staticmethod
+    def global_similarity(text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor]) -> Tensor:
+        """Cosine similarity of the global vectors, [texts x images] (stage 1 of retrieval)."""
+        text = F.normalize(text_features["global"].float(), dim=-1)
+        image = F.normalize(image_features["global"].float(), dim=-1)
+        return text @ image.t()
+
+    def similarity(self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor]) -> Tensor:
+        """The method's test-time similarity of every text to every image, [texts x images]."""
+        return self.global_similarity(text_features, image_features)
+
+    def score_candidates(
+        self,
+        text_features: Mapping[str, Tensor],
+        image_features: Mapping[str, Tensor],
+        candidates: Tensor,
+    ) -> Tensor:
+        """Score text ``t`` against its own candidate images ``candidates[t]`` -> [texts x k].
+
+        The default runs :meth:`similarity` once per text on its candidates; methods with
+        pairwise heads (cross-attention, ITM) override it with a batched version.
+        """
+        rows = []
+        for row, candidate_row in enumerate(candidates):
+            text = index_features(text_features, slice(row, row + 1))
+            rows.append(self.similarity(text, index_features(image_features, candidate_row))[0])
+        return torch.stack(rows) if rows else candidates.new_zeros((0, candidates.shape[1]), dtype=torch.float32)
+
+    # ----------------------------------------------------------------- training
+    @abc.abstractmethod
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Return the named, weighted training losses for one batch."""
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Split trainable parameters into pretrained-backbone and new layers."""
+        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "new": []}
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                groups["backbone" if name.startswith(BACKBONE_PREFIXES) else "new"].append(parameter)
+        return groups

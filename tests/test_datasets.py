@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -392,3 +394,35 @@ def test_cli_bad_input_exit_code_2(tmp_path: Path) -> None:
     assert malformed.stdout == ""
     assert "data_captions.json" in malformed.stderr and len(malformed.stderr.strip().splitlines()) == 1
     assert "Traceback" not in malformed.output
+
+
+def test_cli_synth_and_sheet_call_the_generator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands pass their options through and print the summary; the generator itself is tested elsewhere."""
+    calls: dict[str, tuple] = {}
+
+    def generate(out_dir, *, identities, seed, image_size, workers, overwrite):
+        calls["generate"] = (Path(out_dir), identities, seed, image_size, workers, overwrite)
+        return {"splits": {"train": {"images": 40, "identities": 10}}, "seconds": 1.25}
+
+    def contact_sheet(root, out_png, *, n):
+        calls["sheet"] = (Path(root), Path(out_png), n)
+        return Path(out_png)
+
+    fake = types.ModuleType("tbps.data.synth")
+    fake.generate = generate  # type: ignore[attr-defined]
+    fake.contact_sheet = contact_sheet  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tbps.data.synth", fake)
+
+    out = tmp_path / "synthetic"
+    result = runner.invoke(app, ["synth", "--out", str(out), "--identities", "10", "--seed", "3",
+                                 "--image-height", "64", "--image-width", "32", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert calls["generate"] == (out, 10, 3, (64, 32), 2, True)
+    assert "40" in result.stdout and "1.25" in result.stdout
+
+    sheet_png = tmp_path / "sheet.png"
+    result = runner.invoke(app, ["sheet", "--root", str(tmp_path), "--out", str(sheet_png), "-n", "4"])
+    assert result.exit_code == 0, result.output
+    assert calls["sheet"] == (tmp_path, sheet_png, 4)
+    missing = runner.invoke(app, ["sheet", "--root", str(tmp_path / "absent"), "--out", str(sheet_png)])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr

@@ -453,3 +453,13 @@ def test_soft_target_cross_entropy_and_contrastive_gradients() -> None:
     )
     itc.backward()
     assert_finite_grads(similarity, similarity_t2i)
+
+
+def test_half_precision_inputs_give_finite_losses() -> None:
+    # eps = 1e-8 underflows to 0 in float16; the KL must still be computed without log(0).
+    x = torch.randn(3, 4).half()
+    z = torch.randn(3, 4).half()
+    pids = ids([0, 1, 1])
+    assert torch.isfinite(cmpm_loss(x, z, pids))
+    assert torch.isfinite(similarity_kl_alignment(x @ z.t(), pids, scale=10.0))
+    assert torch.isfinite(identity_aware_contrastive_loss(x @ z.t(), pids, pids, temperature=0.07))

@@ -72,13 +72,20 @@ def identity_match_targets(
     return matches / matches.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    """Upcast half precision: ``eps = 1e-8`` is 0 in float16, and ``log(0 + eps)`` would be -inf."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def _kl_to_targets(logits: Tensor, targets: Tensor, epsilon: float) -> Tensor:
     """``mean_i sum_j p_ij (log p_ij - log(q_ij + eps))`` with ``p = softmax_j(logits)``.
 
     The shared core of CMPM eqs. 1-4, NAFS CSAL and ACSA eqs. 14-16. ``log p`` comes from
     ``log_softmax`` so that large logits neither overflow nor give ``log(0)``.
-    Shapes: ``logits`` and ``targets`` ``[R, C]``; returns a scalar.
+    Shapes: ``logits`` and ``targets`` ``[R, C]``; returns a scalar (float32 or wider).
     """
+    logits = _at_least_float32(logits)
+    targets = targets.to(logits.dtype)
     log_p = F.log_softmax(logits, dim=1)
     p = log_p.exp()
     per_row = (p * (log_p - torch.log(targets + epsilon))).sum(dim=1)
@@ -389,7 +396,8 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     Targets rows should sum to 1 (e.g. :func:`identity_match_targets`, possibly mixed with
     momentum-distillation targets by the caller, as in ALBEF).
     """
-    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    logits = _at_least_float32(logits)
+    return -(targets.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 def identity_aware_contrastive_loss(

@@ -61,7 +61,8 @@ class GlobalBaseline(PersonSearchMethod):
         self.text_backbone.fit(captions)
 
     def build_text_processor(self) -> TextProcessor:
-        return self.text_backbone.build_processor(self.max_text_length)
+        # Only a pooled sentence vector is kept, so batches are padded to their longest caption.
+        return self.text_backbone.build_processor(self.max_text_length, pad_to_longest=True)
 
     def encode_image(self, images: Tensor) -> Features:
         feature_map = self.image_backbone(images).feature_maps[-1]

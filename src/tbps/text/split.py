@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 __all__ = ["split_sub_sentences", "sub_sentence_masks", "sub_sentence_token_spans", "token_span_masks"]
 
 # A run of delimiters ends a sub-sentence only when followed by whitespace or the end of the
-# caption, so "3.5", "1,000" and "e.g." stay whole (glued "shirt.His" needs normalize_caption first).
-_DELIMITER_RUN = re.compile(r"[,;.!?]+(?=\s|$)")
+# caption, so "3.5" and "1,000" stay whole (glued "shirt.His" needs normalize_caption first); a
+# period closing a dotted abbreviation ("e.g.", "U.S.") is not a boundary either.
+_DELIMITER_RUN = re.compile(r"(?<!\.\w)[,;.!?]+(?=\s|$)")
 _WORD_CHAR = re.compile(r"\w")
 
 

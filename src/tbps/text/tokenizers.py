@@ -71,11 +71,14 @@ def _looks_like_path(model_path: str | Path) -> bool:
 class WordPieceTokenizer:
     """Batch tokeniser for BERT-family models, loaded from local files only (never from a hub)."""
 
-    def __init__(self, model_path: str | Path, max_length: int = 64) -> None:
+    def __init__(self, model_path: str | Path, max_length: int = 64, pad_to_longest: bool = False) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {max_length}")
         self.model_path = str(model_path)
         self.max_length = max_length
+        # Padding to the longest caption of the batch saves compute for models that keep only a
+        # sentence vector; models that stack token features across batches need max_length.
+        self.pad_to_longest = pad_to_longest
         self._tokenizer = self._load(model_path)
         if not self._tokenizer.is_fast:
             # Character offsets (needed for sub-sentence spans) only exist on fast tokenizers.
@@ -135,13 +138,14 @@ class WordPieceTokenizer:
     def __call__(self, captions: Sequence[str] | str) -> dict[str, torch.Tensor]:
         """Encode captions to ``input_ids``, ``attention_mask`` [B x max_length] and ``offsets`` [B x max_length x 2].
 
-        Captions are padded to ``max_length`` and longer ones truncated. ``offsets`` are character
+        Captions are padded to ``max_length`` (or to the batch's longest with ``pad_to_longest``)
+        and longer ones truncated. ``offsets`` are character
         spans into each caption; special and padding tokens have (0, 0).
         """
         batch = [captions] if isinstance(captions, str) else list(captions)
         encoded = self._tokenizer(
             batch,
-            padding="max_length",
+            padding="longest" if self.pad_to_longest else "max_length",
             truncation=True,
             max_length=self.max_length,
             return_offsets_mapping=True,

@@ -37,7 +37,7 @@ class TextBackbone(nn.Module):
     def fit(self, captions: Sequence[str]) -> None:
         """Prepare from the training captions (vocabulary); pretrained models need nothing."""
 
-    def build_processor(self, max_length: int) -> TextProcessor:
+    def build_processor(self, max_length: int, pad_to_longest: bool = False) -> TextProcessor:
         raise TypeError(f"{type(self).__name__} does not define a text processor")
 
 
@@ -77,10 +77,10 @@ class TransformerText(TextBackbone):
             ) from error
         self.hidden_size = int(self.model.config.hidden_size)
 
-    def build_processor(self, max_length: int) -> TextProcessor:
+    def build_processor(self, max_length: int, pad_to_longest: bool = False) -> TextProcessor:
         from tbps.text.tokenizers import WordPieceTokenizer
 
-        return WordPieceTokenizer(self.model_path, max_length=max_length)
+        return WordPieceTokenizer(self.model_path, max_length=max_length, pad_to_longest=pad_to_longest)
 
     def forward(self, text: Mapping[str, Tensor]) -> TextBackboneOutput:
         mask = text["attention_mask"]
@@ -137,7 +137,7 @@ class BiLSTMText(TextBackbone):
         if state and state.get("vocabulary") is not None:
             self._set_vocabulary(WordVocabulary.from_state_dict(state["vocabulary"]))
 
-    def build_processor(self, max_length: int) -> TextProcessor:
+    def build_processor(self, max_length: int, pad_to_longest: bool = False) -> TextProcessor:
         if self.vocabulary is None:
             raise RuntimeError("the Bi-LSTM vocabulary is not built yet: call fit_text(training captions) first")
         return functools.partial(_encode_with_vocabulary, self.vocabulary, max_length)

@@ -1,0 +1,3 @@
+from tbps.cli.main import app
+
+app(prog_name="tbps")

@@ -1,0 +1,165 @@
+"""The ``tbps`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tbps.cli.data import app as data_app
+
+app = typer.Typer(help="tbps: text-based person search — train, evaluate and search galleries by description.", no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError, OSError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
+    table = Table(title=title)
+    table.add_column("")
+    for key in ("R@1", "R@5", "R@10", "mAP", "mINP"):
+        table.add_column(key, justify="right")
+    for label, metrics in rows.items():
+        table.add_row(label, *(f"{metrics[k]:.2f}" for k in ("R1", "R5", "R10", "mAP", "mINP")))
+    return table
+
+
+@app.command("methods")
+def methods_command() -> None:
+    """List the registered methods."""
+    from tbps.models.registry import list_methods
+
+    for name, description in list_methods().items():
+        console.print(f"[bold]{name}[/]  {description}")
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train_command(
+    config: str = typer.Option("baseline/synthetic", "--config", "-c", help="YAML path or method/dataset name under configs/"),
+    resume: Optional[Path] = typer.Option(None, help="run directory or checkpoint to continue exactly"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides, e.g. optim.lr=3e-4"),
+) -> None:
+    """Train a method; the resolved config is saved beside the run and inside every checkpoint."""
+    from tbps.config import load_config
+    from tbps.engine.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(config, overrides or [])
+        result = train(cfg, resume=resume)
+    except USER_ERRORS as error:
+        fail(str(error))
+    rows = {
+        f"{tag} (epoch {entry['epoch']})": entry["test"] for tag, entry in result.report.get("checkpoints", {}).items()
+    }
+    if rows:
+        console.print(metrics_table("test split (selected on val)", rows))
+    console.print(f"run directory: {result.run_dir}")
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a tbps checkpoint (.ckpt)"),
+    split: str = typer.Option("test", help="test or val"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write metrics and per-query ranks to this JSON file"),
+    rerank: str = typer.Option("none", help="none | two-stage | rvn | two-stage+rvn"),
+    top_k: int = typer.Option(128, help="candidates kept by two-stage scoring"),
+    dataset: Optional[str] = typer.Option(None, help="override the dataset stored in the checkpoint"),
+    root: Optional[Path] = typer.Option(None, help="override the dataset root stored in the checkpoint"),
+    image_to_text: bool = typer.Option(False, "--i2t", help="also report the image-to-text direction"),
+    batch_size: int = typer.Option(128),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+) -> None:
+    """Evaluate a checkpoint on a split: R@1/5/10, mAP, mINP (text-to-image, identity-level)."""
+    import torch
+
+    from tbps.data.readers import load_dataset
+    from tbps.engine.checkpoint import load_method
+    from tbps.evaluation.evaluator import evaluate_split
+    from tbps.evaluation.rank import rank
+    from tbps.utils import atomic_write
+
+    if split not in ("test", "val"):
+        fail(f"--split must be test or val, got {split!r}")
+    run_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        method, config = load_method(checkpoint, map_location=run_device)
+        data = config["data"]
+        ds = load_dataset(dataset or data["dataset"], root or data["root"], val_identity_fraction=float(data.get("val_identity_fraction", 0.1)), seed=int(config["seed"]))
+        records = ds.split(split)
+        result = evaluate_split(
+            method, records, data["image_size"], batch_size=batch_size, rerank=rerank, top_k=top_k,
+            device=run_device, progress=sys.stderr.isatty(), return_similarity=image_to_text,
+        )
+    except USER_ERRORS as error:
+        fail(str(error))
+    metrics = {key: result[key] for key in ("R1", "R5", "R10", "mAP", "mINP")}
+    rows = {"text-to-image": metrics}
+    if image_to_text:
+        i2t = rank(result["similarity"].t(), result["gallery_ids"], result["query_ids"], max_rank=10)
+        rows["image-to-text"] = {key: i2t[key] for key in metrics}
+    console.print(metrics_table(f"{config['method']} on {ds.name} {split} ({len(records)} images, {len(result['query_ids'])} queries)", rows))
+    if json_out is not None:
+        per_query = result["per_query"]
+        payload: dict[str, Any] = {
+            "checkpoint": str(checkpoint),
+            "method": config["method"],
+            "dataset": ds.name,
+            "split": split,
+            "rerank": rerank,
+            "metrics": rows,
+            "num_queries": result["num_queries"],
+            "num_excluded": result["num_excluded"],
+            "per_query": [
+                {
+                    "query": i,
+                    "person_id": int(result["query_ids"][i]),
+                    "first_hit_rank": int(per_query["first_hit_rank"][i]),
+                    "average_precision": float(per_query["average_precision"][i]),
+                    "top10": [int(j) for j in per_query["top_indices"][i]],
+                }
+                for i in range(len(result["query_ids"]))
+            ],
+            "gallery": [str(r.relative_path or r.image_path) for r in records],
+        }
+        with atomic_write(json_out) as handle:
+            json.dump(payload, handle)
+        console.print(f"wrote {json_out}")
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("tbps-demo"), help="where data, runs and the report go"),
+    identities: int = typer.Option(600, help="identities in the synthetic benchmark"),
+    epochs: int = typer.Option(6, help="training epochs (shorter: 2, longer: 15)"),
+    seed: int = typer.Option(0),
+    quick: bool = typer.Option(False, help="a one-minute smoke run (120 identities, 1 epoch)"),
+) -> None:
+    """Offline demo: synthesise a benchmark, train the baseline, evaluate, write an HTML report."""
+    from tbps.demo import run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if quick:
+        identities, epochs = 120, 1
+    try:
+        report = run_demo(out, identities=identities, epochs=epochs, seed=seed)
+    except USER_ERRORS as error:
+        fail(str(error))
+    console.print(f"[bold green]report:[/] {report}")
+
+
+if __name__ == "__main__":
+    app()

@@ -27,15 +27,16 @@ from tbps.evaluation import rank
 IMAGES_PER_PERSON = 3074 / 1000  # CUHK-PEDES test split
 
 
-def person_search_layout(num_captions: int, num_images: int, generator: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def person_search_layout(
+    num_captions: int, num_images: int, generator: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Caption ids and image ids: every person has >= 1 image, every image >= 1 caption when possible."""
     num_persons = max(1, round(num_images / IMAGES_PER_PERSON))
     extra_images = generator.integers(0, num_persons, size=num_images - num_persons)
     image_ids = np.sort(np.concatenate([np.arange(num_persons), extra_images]))
     per_image = num_captions // num_images
-    caption_images = np.concatenate(
-        [np.repeat(np.arange(num_images), per_image), generator.choice(num_images, num_captions - per_image * num_images)]
-    )
+    leftover = generator.choice(num_images, num_captions - per_image * num_images)
+    caption_images = np.concatenate([np.repeat(np.arange(num_images), per_image), leftover])
     return image_ids[np.sort(caption_images)], image_ids
 
 
@@ -55,7 +56,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure(sim: torch.Tensor, query_ids: np.ndarray, gallery_ids: np.ndarray, chunk_size: int) -> tuple[float, float, dict]:
+def measure(
+    sim: torch.Tensor, query_ids: np.ndarray, gallery_ids: np.ndarray, chunk_size: int
+) -> tuple[float, float, dict]:
     """One timed call: (seconds, peak RSS above the starting RSS in MiB, result)."""
     reset = _reset_peak_rss()
     rss_before = _status_kib("VmRSS") if reset else _status_kib("VmHWM")
@@ -70,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="6156x3074,20000x20000", help="comma-separated QUERIESxGALLERY sizes")
     parser.add_argument("--chunk-size", type=int, default=1024, help="query rows per chunk passed to rank()")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs for sizes below 10^8 cells (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs below 10^8 cells (median)")
     parser.add_argument("--large-repeats", type=int, default=1, help="timed runs for sizes of 10^8 cells or more")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -78,7 +81,10 @@ def main() -> None:
     generator = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, chunk_size {args.chunk_size}\n")
-    print("| queries x gallery | persons | matrix (MiB) | seconds (median of n) | n | peak RSS delta (MiB) | R1 / mAP (random) |")
+    print(
+        "| queries x gallery | persons | matrix (MiB) | seconds (median of n) | n | peak RSS delta (MiB) "
+        "| R1 / mAP (random) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         num_queries, num_gallery = (int(part) for part in size.lower().split("x"))

@@ -203,7 +203,8 @@ def test_per_query_arrays_match_aggregate() -> None:
         assert result[f"R{k}"] == pytest.approx(100 * np.mean(in_top[scored]))
     assert result["mAP"] == pytest.approx(100 * per_query["average_precision"][scored].mean())
     assert result["mINP"] == pytest.approx(100 * per_query["inverse_negative_penalty"][scored].mean())
-    assert ((per_query["inverse_negative_penalty"][scored] > 0) & (per_query["inverse_negative_penalty"][scored] <= 1)).all()
+    scored_inp = per_query["inverse_negative_penalty"][scored]
+    assert ((scored_inp > 0) & (scored_inp <= 1)).all()
 
 
 def test_rank_both_transposes() -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tbps.evaluation import rank, rvn_rerank, two_stage_similarity
+from tbps.evaluation.rerank import _stable_top
 
 # Images 0/1 and 2/3 are mutual nearest neighbours; with l = 2 and self included:
 # N_i2i(0) = {0, 1}, N_i2i(1) = {1, 0}, N_i2i(2) = {2, 3}, N_i2i(3) = {3, 2}.
@@ -31,21 +32,33 @@ def stable_order(row: np.ndarray) -> np.ndarray:
     return np.argsort(-row, kind="stable")
 
 
-def reference_rvn(text_sim: np.ndarray, image_sim: np.ndarray, l: int) -> np.ndarray:
+def reference_rvn(text_sim: np.ndarray, image_sim: np.ndarray, size: int) -> np.ndarray:
     """Double loop over (text, image) with Python sets, straight from the definition."""
     num_texts, num_images = text_sim.shape
     image_neighbours = []
     for i in range(num_images):
         others = [j for j in stable_order(image_sim[i]) if j != i]
-        image_neighbours.append({i, *others[: l - 1]})  # image i is its own neighbour
+        image_neighbours.append({i, *others[: size - 1]})  # image i is its own neighbour
     out = np.empty_like(text_sim, dtype=np.float64)
     for t in range(num_texts):
-        text_neighbours = set(stable_order(text_sim[t])[:l].tolist())
+        text_neighbours = set(stable_order(text_sim[t])[:size].tolist())
         for i in range(num_images):
             inter = len(text_neighbours & image_neighbours[i])
             union = len(text_neighbours | image_neighbours[i])
             out[t, i] = 0.5 * (text_sim[t, i] + inter / union)
     return out
+
+
+@pytest.mark.parametrize("count", [1, 3, 10, 40, 124, 125, 499, 500])
+def test_stable_top_matches_stable_sort(count: int) -> None:
+    # Few distinct values (ties everywhere) plus -0.0/0.0 and infinities; rows long enough that
+    # torch.topk returns tied entries out of index order.
+    generator = torch.Generator().manual_seed(count)
+    scores = torch.randint(-3, 4, (64, 500), generator=generator).float()
+    scores[scores == 3] = float("inf")
+    scores[:, ::7] = -0.0
+    expected = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :count]
+    assert torch.equal(_stable_top(scores, count), expected)
 
 
 def test_rvn_hand_example() -> None:
@@ -140,7 +153,9 @@ def test_two_stage_with_coarse_as_fine_keeps_ranking(top_k: int) -> None:
 
 @pytest.mark.parametrize("top_k", [1, 4, 14])
 @pytest.mark.parametrize("coarse_scale,fine_scale", [(1.0, 1e3), (100.0, 1e-2)])
-def test_two_stage_orders_candidates_by_fine_then_rest_by_coarse(top_k: int, coarse_scale: float, fine_scale: float) -> None:
+def test_two_stage_orders_candidates_by_fine_then_rest_by_coarse(
+    top_k: int, coarse_scale: float, fine_scale: float
+) -> None:
     # Fine scores far larger, then far smaller, than the coarse ones: the offsets must handle both.
     coarse = _coarse_case(1) * coarse_scale
     fine = torch.randn(coarse.shape, generator=torch.Generator().manual_seed(2)) * fine_scale
@@ -169,6 +184,17 @@ def test_two_stage_passes_global_indices_and_checks_shape() -> None:
         two_stage_similarity(coarse, lambda q, c: torch.zeros(len(q), 2), 5)
     with pytest.raises(ValueError, match="top_k"):
         two_stage_similarity(coarse, recording_scorer, 0)
+    with pytest.raises(ValueError, match="infinite"):
+        two_stage_similarity(coarse, lambda q, c: torch.full(c.shape, float("inf")), 5)
+
+
+def test_two_stage_keeps_masked_coarse_scores_last() -> None:
+    # -inf marks pairs excluded from retrieval; they must not turn into NaN and must rank last.
+    coarse = torch.tensor([[0.3, float("-inf"), 0.9, 0.1, float("-inf"), 0.5]])
+    out = two_stage_similarity(coarse, lambda q, c: torch.tensor([[2.0, 1.0]]), 2)
+    assert not torch.isnan(out).any()
+    # Candidates 2 (fine 2.0) and 5 (fine 1.0), then 0 and 3 by coarse, then the masked 1 and 4.
+    np.testing.assert_array_equal(stable_order(out[0].numpy()), [2, 5, 0, 3, 1, 4])
 
 
 def test_two_stage_equals_full_fine_scoring_on_kept_candidates() -> None:

@@ -33,12 +33,18 @@ class PersonSearchModule(L.LightningModule):
             self.config["method"], self.config["model"], self.num_classes, image_size=tuple(self.config["data"]["image_size"])
         )
         self._val_outputs: dict[int, list[dict[str, Tensor]]] = {0: [], 1: []}
+        self.last_val_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ DDP and determinism
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.world_size > 1:
             # Batch-level losses compare against every process's samples; gradients flow back.
             self.method.gather = lambda tensor: self.all_gather(tensor, sync_grads=True).flatten(0, 1)
+
+    def on_fit_start(self) -> None:
+        # Pretrained loaders (transformers' from_pretrained) hand back modules in eval mode;
+        # training must run with dropout and batch-norm updates on.
+        self.method.train()
 
     def on_train_epoch_start(self) -> None:
         # Re-seed model-side randomness (dropout, drop-connect) from (seed, epoch): a run resumed
@@ -82,8 +88,9 @@ class PersonSearchModule(L.LightningModule):
         gallery_ids, query_ids = images.pop("_person_ids"), texts.pop("_person_ids")
         similarity = score_features(self.method, texts, images, device=self.device)
         metrics = rank(similarity, query_ids, gallery_ids, max_rank=10)
-        for key in ("R1", "R5", "R10", "mAP", "mINP"):
-            self.log(f"val/{key}", metrics[key], prog_bar=key == "R1", sync_dist=False)
+        self.last_val_metrics = {key: float(metrics[key]) for key in ("R1", "R5", "R10", "mAP", "mINP")}
+        for key, value in self.last_val_metrics.items():
+            self.log(f"val/{key}", value, prog_bar=key == "R1", sync_dist=False)
         self._val_outputs = {0: [], 1: []}
 
     # ------------------------------------------------------------------ optimisation
@@ -139,4 +146,5 @@ class PersonSearchModule(L.LightningModule):
             "config": self.config,
             "num_classes": self.num_classes,
             "label_map": self.label_map,
+            "val_metrics": self.last_val_metrics,  # of the epoch this checkpoint closes
         }

@@ -92,10 +92,17 @@ def train(config: Any, *, resume: str | Path | None = None, extra_callbacks: Seq
 
     trainer_config = config["trainer"]
     checkpoint_dir = run_dir / "checkpoints"
+    # best.ckpt follows val R@1 (never test); last.ckpt is rewritten every epoch for --resume.
     checkpointing = ModelCheckpoint(
-        dirpath=checkpoint_dir, filename="best", monitor="val/R1", mode="max", save_top_k=1, save_last=True
+        dirpath=checkpoint_dir, filename="best", monitor="val/R1", mode="max", save_top_k=1, enable_version_counter=False
     )
-    callbacks: list[L.Callback] = [checkpointing, LearningRateMonitor(logging_interval="step"), *extra_callbacks]
+    every_epoch = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", save_top_k=1, enable_version_counter=False)
+    callbacks: list[L.Callback] = [
+        checkpointing,
+        every_epoch,
+        LearningRateMonitor(logging_interval="step"),
+        *extra_callbacks,
+    ]
     if trainer_config.get("progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, int(trainer_config.get("log_every_n_steps", 10)))))
     trainer = L.Trainer(
@@ -159,7 +166,7 @@ def test_report(config: dict[str, Any], dataset: Any, best: Path | None, last: P
             num_workers=int(config["data"]["num_workers"]),
             device=device,
         )
-        val_r1 = _val_metric(checkpoint)
+        val_r1 = checkpoint["tbps"].get("val_metrics", {}).get("R1")
         report["checkpoints"][tag] = {
             "path": str(path),
             "epoch": int(checkpoint.get("epoch", -1)) + 1,
@@ -168,10 +175,3 @@ def test_report(config: dict[str, Any], dataset: Any, best: Path | None, last: P
         }
     return report
 
-
-def _val_metric(checkpoint: dict[str, Any]) -> float | None:
-    for state in checkpoint.get("callbacks", {}).values():
-        score = state.get("current_score") if isinstance(state, dict) else None
-        if score is not None:
-            return float(score)
-    return None

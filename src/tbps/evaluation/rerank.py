@@ -27,20 +27,47 @@ def _check_matrix(name: str, matrix: torch.Tensor) -> torch.Tensor:
 
 
 def _stable_top(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the ``count`` best entries per row, best first, ties broken by lower index."""
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :count]
+    """Indices of the ``count`` best entries per row, best first, ties broken by lower index.
+
+    Same result as the first ``count`` columns of a stable descending sort, without sorting whole
+    rows when ``count`` is small: ``torch.topk`` (whose tie order is unspecified) finds the count-th
+    value; rows where that value is tied beyond the top set pick the lowest-index ties; finally the
+    ``count`` chosen entries are stably sorted by score after ordering them by index.
+    """
+    num_rows, num_cols = scores.shape
+    if 4 * count >= num_cols:
+        return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :count]
+    top = torch.topk(scores, count, dim=1)
+    chosen = top.indices
+    threshold = top.values[:, -1:]  # count-th largest value per row
+    ambiguous = ((scores >= threshold).sum(dim=1) > count).nonzero(as_tuple=True)[0]
+    if ambiguous.numel():
+        # More entries tie at the threshold than slots remain: keep the lowest-index ties.
+        rows = scores[ambiguous]
+        above = rows > threshold[ambiguous]
+        tied = rows == threshold[ambiguous]
+        slots_left = count - above.sum(dim=1, keepdim=True)
+        selected = above | (tied & (torch.cumsum(tied, dim=1) <= slots_left))  # exactly count per row
+        chosen = chosen.clone()
+        chosen[ambiguous] = selected.nonzero(as_tuple=True)[1].view(-1, count)
+    chosen = torch.sort(chosen, dim=1).values  # index order, so the stable sort below breaks ties by index
+    best_first = torch.sort(scores.gather(1, chosen), dim=1, descending=True, stable=True).indices
+    return chosen.gather(1, best_first)
 
 
-def _place_candidates_first(coarse: torch.Tensor, candidates: torch.Tensor, candidate_scores: torch.Tensor) -> torch.Tensor:
+def _place_candidates_first(
+    coarse: torch.Tensor, candidates: torch.Tensor, candidate_scores: torch.Tensor
+) -> torch.Tensor:
     """Rows whose ``candidates`` carry ``candidate_scores`` and all other entries rank strictly below them.
 
     Per row, non-candidates are shifted by a constant offset (4):
-        out = coarse - max(coarse) + (min(candidate_scores) - margin),  margin = 1 + 0.01 * |min(candidate_scores)|
-    The shift is the same for the whole row, so non-candidates keep their coarse order and score gaps,
-    and the largest of them is ``margin`` below the weakest candidate.  The relative margin keeps that
-    gap representable even for large fine scores.  The offsets are computed in float64 and cast to the
-    output dtype, so non-candidate order is exact unless coarse gaps are finer than the output dtype's
-    resolution at the fine scores' magnitude.
+        out = coarse - max(coarse) + (min(fine) - margin),  margin = 2 + 0.01 * |min(fine)|
+    with fine = ``candidate_scores``.  The shift is the same for the whole row, so non-candidates keep
+    their coarse order and score gaps, and the largest of them is ``margin`` below the weakest
+    candidate.  margin > 1 exceeds the range of a Jaccard term, so a later RVN pass (7) cannot lift a
+    non-candidate above a candidate; its relative part keeps the gap representable for large fine
+    scores.  Offsets are computed in float64 and cast to the output dtype, so non-candidate order is
+    exact unless coarse gaps are finer than that dtype's resolution at the fine scores' magnitude.
     """
     out_dtype = torch.promote_types(coarse.dtype, candidate_scores.dtype)
     if not out_dtype.is_floating_point:
@@ -48,8 +75,12 @@ def _place_candidates_first(coarse: torch.Tensor, candidates: torch.Tensor, cand
     coarse64 = coarse.double()
     fine64 = candidate_scores.double()
     fine_min = fine64.min(dim=1, keepdim=True).values
-    floor = fine_min - (1.0 + 0.01 * fine_min.abs())
-    shifted = coarse64 - coarse64.max(dim=1, keepdim=True).values + floor  # (4)
+    floor = fine_min - (2.0 + 0.01 * fine_min.abs())
+    # max(coarse) over finite entries, so -inf (masked) scores stay -inf instead of turning into NaN.
+    finite_max = torch.where(coarse64.isfinite(), coarse64, float("-inf")).max(dim=1, keepdim=True).values
+    finite_max = torch.where(finite_max.isfinite(), finite_max, 0.0)
+    shifted = coarse64 - finite_max + floor  # (4)
+    shifted = torch.minimum(shifted, floor)  # only +inf coarse scores left over from stage 1 are affected
     shifted.scatter_(1, candidates, fine64)
     return shifted.to(out_dtype)
 
@@ -78,8 +109,8 @@ def rvn_rerank(
     |union| = 2l - |intersection|.
 
     The intersection equals M_t2i @ M_i2i^T for the binary membership matrices [T x I] and [I x I];
-    it is computed as l column gathers of M_t2i (one per neighbour slot), O(T * I * l) work and
-    O(chunk_size * I) memory per chunk of texts instead of a dense [I x I] product.
+    it is computed as l row gathers of a uint8 M_i2i^T (one per slot of N_t2i), O(T * I * l) work
+    instead of the O(T * I^2) dense product.  Memory: I^2 bytes plus O(chunk_size * I).
 
     ``rerank_top``: if given, only the top ``rerank_top`` images per text (by ``text_image_sim``) are
     re-scored with (7); all others rank after them in their original order (offsets as in
@@ -112,23 +143,29 @@ def rvn_rerank(
     image_scores.fill_diagonal_(float("inf"))
     image_neighbours = _stable_top(image_scores, num_neighbours)  # [I x l]
     del image_scores
+    # Transposed membership of (6): neighbour_of[j, i] = 1 iff j is in N_i2i(i).  One byte per cell;
+    # counts accumulate in uint8 (or int32 when l > 255, where they could overflow).
+    neighbour_of = torch.zeros(num_images, num_images, dtype=torch.uint8, device=sim.device)
+    image_index = torch.arange(num_images, device=sim.device).repeat_interleave(num_neighbours)
+    neighbour_of[image_neighbours.reshape(-1), image_index] = 1
+    del image_neighbours
+    count_dtype = torch.uint8 if num_neighbours <= 255 else torch.int32
 
     out = torch.empty_like(sim)
     for start in range(0, num_texts, chunk_size):
         block = sim[start : start + chunk_size]
         text_neighbours = _stable_top(block, num_neighbours)  # (5), [c x l]
-        membership = torch.zeros(block.shape, dtype=torch.float32, device=sim.device)
-        membership.scatter_(1, text_neighbours, 1.0)  # M_t2i rows of this chunk
-        intersection = torch.zeros_like(membership)
+        # |N_t2i(t) & N_i2i(i)| = sum over j in N_t2i(t) of neighbour_of[j, i]: one row gather per slot
+        # (the same as M_t2i @ M_i2i^T, but O(c * I * l) and contiguous in memory).
+        intersection = torch.zeros(block.shape, dtype=count_dtype, device=sim.device)
         for slot in range(num_neighbours):
-            # intersection[t, i] += M_t2i[t, N_i2i(i)[slot]]  (counts are exact small integers in float32)
-            intersection += membership.index_select(1, image_neighbours[:, slot])
+            intersection += neighbour_of.index_select(0, text_neighbours[:, slot])
         intersection = intersection.to(block.dtype)
         jaccard = intersection / (2 * num_neighbours - intersection)
         rescored = 0.5 * (block + jaccard)  # (7)
         if rerank_top is not None and rerank_top < num_images:
             candidates = _stable_top(block, rerank_top)
-            rescored = _place_candidates_first(block, candidates, torch.gather(rescored, 1, candidates)).to(sim.dtype)
+            rescored = _place_candidates_first(block, candidates, torch.gather(rescored, 1, candidates))
         out[start : start + chunk_size] = rescored
     return out
 
@@ -151,7 +188,8 @@ def two_stage_similarity(
     which puts all non-candidates strictly below every candidate and in their stage-1 order.  So
     :func:`tbps.evaluation.rank` on the result sees the candidates ordered by fine score (ties by
     image index), then the rest by coarse score.  ``top_k >= num_images`` is full fine scoring.
-    The output dtype is the promotion of the coarse and fine dtypes.
+    Fine scores must be finite; coarse scores may be -inf (e.g. masked pairs).  The output dtype is
+    the promotion of the coarse and fine dtypes.
     """
     coarse = _check_matrix("coarse_sim", coarse_sim)
     if not isinstance(top_k, int) or top_k < 1:
@@ -159,8 +197,10 @@ def two_stage_similarity(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     num_texts, num_images = coarse.shape
+    if num_texts == 0 or num_images == 0:
+        return coarse.to(torch.promote_types(coarse.dtype, torch.get_default_dtype()), copy=True)
     k = min(top_k, num_images)
-    rows: list[torch.Tensor] = []
+    out: torch.Tensor | None = None  # allocated once the fine scores' dtype is known
     for start in range(0, num_texts, chunk_size):
         block = coarse[start : start + chunk_size]
         query_indices = torch.arange(start, start + block.shape[0], device=coarse.device)
@@ -170,9 +210,13 @@ def two_stage_similarity(
             raise ValueError(
                 f"fine_scorer returned shape {tuple(fine.shape)} for candidates of shape {tuple(candidates.shape)}"
             )
-        if torch.isnan(fine).any():
-            raise ValueError(f"fine_scorer returned NaN scores for queries {start}..{start + block.shape[0] - 1}")
-        rows.append(_place_candidates_first(block, candidates, fine))
-    if not rows:
-        return coarse.to(torch.promote_types(coarse.dtype, torch.get_default_dtype())).clone()
-    return torch.cat(rows)
+        if not torch.isfinite(fine).all():
+            raise ValueError(
+                f"fine_scorer returned NaN or infinite scores for queries {start}..{start + block.shape[0] - 1}"
+            )
+        placed = _place_candidates_first(block, candidates, fine)
+        if out is None:
+            out = torch.empty(coarse.shape, dtype=placed.dtype, device=coarse.device)
+        out[start : start + block.shape[0]] = placed
+    assert out is not None  # num_texts > 0
+    return out

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One command to set up tbps in a local virtual environment and run something with it:
+#   bash scripts/bootstrap.sh demo [tbps demo options]   # the offline demo (main job)
+#   bash scripts/bootstrap.sh test [pytest options]      # the test suite
+#   bash scripts/bootstrap.sh setup                      # only install
+# Needs only Python >= 3.11 with pip and venv; installs into .venv next to this repository.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${TBPS_VENV:-.venv}
+task=${1:-demo}
+shift || true
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating virtual environment in $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.tbps-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "installing tbps and its dependencies (first time: a few minutes)"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    touch "$stamp"
+fi
+
+case "$task" in
+    setup) echo "ready: $VENV/bin/tbps" ;;
+    demo) exec "$VENV/bin/tbps" demo "$@" ;;
+    test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    *) echo "usage: bash scripts/bootstrap.sh demo|test|setup [args]" >&2; exit 2 ;;
+esac

@@ -40,9 +40,33 @@ class ImageBackbone(nn.Module):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    frozen_stages: int = 0
+
     @property
     def out_channels(self) -> int:
         return self.channels[-1]
+
+    def stage_modules(self) -> list[nn.Module]:
+        """The modules of each stage, input side first (the stem belongs to the first stage)."""
+        raise TypeError(f"{type(self).__name__} does not define its stages")
+
+    def freeze_stages(self, count: int) -> None:
+        """Keep the first ``count`` stages fixed: no gradients (which also saves their backward
+        pass) and batch-norm statistics left as pretrained."""
+        stages = self.stage_modules()
+        if not 0 <= count <= len(stages):
+            raise ValueError(f"freeze_stages must be in 0..{len(stages)} for {self.name}, got {count}")
+        self.frozen_stages = count
+        for module in stages[:count]:
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ImageBackbone":
+        super().train(mode)
+        if self.frozen_stages:
+            for module in self.stage_modules()[: self.frozen_stages]:
+                module.eval()
+        return self
 
 
 def _missing_weights(name: str, detail: str) -> BackboneWeightsError:
@@ -97,6 +121,13 @@ class EfficientNetLite0(ImageBackbone):
             net._conv_head.out_channels
         ]
 
+    def stage_modules(self) -> list[nn.Module]:
+        bounds = [-1, *self.stage_ends, len(self.blocks) - 1]
+        stages = [nn.ModuleList(self.blocks[bounds[i] + 1 : bounds[i + 1] + 1]) for i in range(len(bounds) - 1)]
+        stages[0].insert(0, self.stem)
+        stages[-1].append(self.head)
+        return list(stages)
+
     def forward(self, images: Tensor) -> ImageBackboneOutput:
         x = self.stem(images)
         maps = []
@@ -137,6 +168,9 @@ class ResNet50(ImageBackbone):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         self.channels = [256, 512, 1024, 2048]
+
+    def stage_modules(self) -> list[nn.Module]:
+        return [nn.ModuleList([self.stem, self.layers[0]]), *self.layers[1:]]
 
     def forward(self, images: Tensor) -> ImageBackboneOutput:
         x = self.stem(images)
@@ -182,6 +216,9 @@ class SwinTiny(_TimmBackbone):
         self.net = self._create(pretrained, weights, img_size=tuple(image_size))
         self.channels = [int(info["num_chs"]) for info in self.net.feature_info]
 
+    def stage_modules(self) -> list[nn.Module]:
+        return [nn.ModuleList([self.net.patch_embed, self.net.layers[0]]), *self.net.layers[1:]]
+
     def forward(self, images: Tensor) -> ImageBackboneOutput:
         x = self.net.patch_embed(images)
         maps = []
@@ -205,6 +242,11 @@ class ViTBase16(_TimmBackbone):
         self.net = self._create(pretrained, weights, img_size=tuple(image_size))
         self.grid = self.net.patch_embed.grid_size
         self.channels = [self.net.embed_dim]
+
+    def stage_modules(self) -> list[nn.Module]:
+        # Each transformer block is a stage; the patch embedding goes with the first.
+        blocks = list(self.net.blocks)
+        return [nn.ModuleList([self.net.patch_embed, blocks[0]]), *blocks[1:]]
 
     def forward(self, images: Tensor) -> ImageBackboneOutput:
         tokens = self.net.forward_features(images)  # [B, 1 + N, C], final norm applied
@@ -235,4 +277,6 @@ def create_image_backbone(config: Any, image_size: tuple[int, int] | None = None
     }
     if image_size is not None:
         kwargs["image_size"] = tuple(int(v) for v in image_size)
-    return IMAGE_BACKBONES[name](**kwargs)
+    backbone = IMAGE_BACKBONES[name](**kwargs)
+    backbone.freeze_stages(int(option(config, "freeze_stages", 0)))
+    return backbone

@@ -76,6 +76,18 @@ class TransformerText(TextBackbone):
                 f"vocab), or put it in your Hugging Face cache; 'minilm' is bundled and always works."
             ) from error
         self.hidden_size = int(self.model.config.hidden_size)
+        self.frozen_layers = 0
+
+    def freeze_layers(self, count: int) -> None:
+        """Keep the embeddings and the first ``count`` transformer layers fixed (0 = train all)."""
+        layers = self.model.encoder.layer
+        if not 0 <= count <= len(layers):
+            raise ValueError(f"freeze_layers must be in 0..{len(layers)} for {self.name}, got {count}")
+        self.frozen_layers = count
+        if count:
+            self.model.embeddings.requires_grad_(False)
+            for layer in layers[:count]:
+                layer.requires_grad_(False)
 
     def build_processor(self, max_length: int, pad_to_longest: bool = False) -> TextProcessor:
         from tbps.text.tokenizers import WordPieceTokenizer
@@ -172,4 +184,6 @@ def create_text_backbone(config: Any) -> TextBackbone:
             combine=str(option(config, "combine", "mean")),
             dropout=float(option(config, "dropout", 0.0)),
         )
-    return TransformerText(name, pretrained=bool(option(config, "pretrained", True)), weights=option(config, "weights"))
+    backbone = TransformerText(name, pretrained=bool(option(config, "pretrained", True)), weights=option(config, "weights"))
+    backbone.freeze_layers(int(option(config, "freeze_layers", 0)))
+    return backbone

@@ -1,0 +1,760 @@
+"""NAFS: non-local alignment over full-scale representations (Gao et al. 2021, ``nafs.md``).
+
+Reads like the paper:
+
+1. **Visual features** (Sec. 3.1): a staircase network on the image backbone. The global branch
+   is the backbone itself; the *region* branch re-runs the later backbone stages (two stages, a
+   deep copy so it starts from the same pretrained weights) from the stage-2 map and cuts the
+   result into ``n1`` horizontal stripes; the *patch* branch re-runs the last stage from the
+   stage-3 map, ``n2`` stripes. Before the branches, split-and-shuffle permutes horizontal
+   stripes of the stage-2/3 maps (training only) so a stripe cannot lean on its neighbours.
+   Branch points are the backbone's 1/8- and 1/16-resolution stage maps: ResNet-50 ``layer2`` /
+   ``layer3`` (the paper's stages 2 and 3; the region branch re-runs ``layer3``+``layer4``, the
+   patch branch ``layer4``), EfficientNet-Lite0 maps 2 (40 ch, 1/8) and 3 (112 ch, 1/16) (the
+   region branch re-runs its 1/16 and 1/32 stages plus the head, the patch branch the 1/32 stage
+   plus the head). ``region_stage`` / ``patch_stage`` index the factory's stage-map list.
+2. **Textual features** (Sec. 3.2): a locality-constrained BERT. The sentence [CLS] and every
+   word token come from an ordinary BERT pass; each comma-separated sub-sentence gets its own
+   [CLS] whose attention sees only the sub-sentence's tokens (eq. 1). See
+   :class:`LocalityConstrainedTextEncoder` for how this is done with one extra BertModel call
+   and a 4-D attention mask. A Bi-LSTM can stand in for BERT (Table 4, row 1).
+3. **Alignment** (Sec. 3.3): contextual non-local attention between *all* image features
+   (global, regions, patches) and *all* text features (sentence, sub-sentences, words), in both
+   directions (eqs. 2-5 and the text-to-image counterpart), shared with other methods in
+   :mod:`tbps.models.attention`.
+4. **Losses** (eq. 7): ``L = 1 * CMPM + 1 * CMPC + 0.1 * CSAL``; CMPM and CMPC on the global
+   features, CSAL (the KL of the batch non-local similarities to the identity-match
+   distribution) on ``S`` (image-to-text) and ``S'`` (text-to-image).
+5. **Test similarity**: ``global+local`` by default, the cosine of the global vectors plus the
+   non-local score (the mean of the enabled directions), as the public code ranks; ``local``
+   and ``global`` are options. :meth:`NAFS.similarity` tiles the gallery, and
+   :meth:`NAFS.score_candidates` scores each text's own candidates for two-stage retrieval.
+   RVN re-ranking (Sec. 3.4, eq. 8) is the evaluator's ``rerank="rvn"``.
+
+Ablation switches (Tables 2-4 and methods.md §3), all under ``model``:
+
+* ``scales``: ``full`` (global + regions/sub-sentences + patches/words), ``global+finest``
+  (global + patches/words, Table 2 "Local+Global") or ``global`` (Table 2 "Global": only CMPM and
+  CMPC, global cosine);
+* ``alignment``: ``joint`` (contextual non-local over all scales), ``separate`` (Table 3: global
+  image/sentence cosine, regions/sub-sentences and patches/words non-local, averaged) or
+  ``concat`` (Table 4 rows 2-3: per-scale vectors concatenated into one global vector, no CSAL);
+* ``text_backbone.name``: BERT-family (locality-constrained) or ``bilstm``;
+* ``image_network``: ``staircase`` or ``plain`` (regions and patches cut from the global map);
+* ``split_shuffle``: on/off; ``attention.directions``: both / image-to-text / text-to-image;
+  ``attention.focal``: the focal filter on/off.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tbps.losses import CMPCLoss, cmpm_loss, similarity_kl_alignment
+from tbps.models.attention import ContextualNonLocalAttention, candidate_non_local_similarity
+from tbps.models.backbones import create_image_backbone, create_text_backbone
+from tbps.models.backbones.common import option
+from tbps.models.backbones.image import EfficientNetLite0, ImageBackbone, ResNet50
+from tbps.models.backbones.text import BiLSTMText, TextBackbone, TransformerText
+from tbps.models.base import Features, PersonSearchMethod, TextProcessor, index_features
+from tbps.models.registry import register_method
+from tbps.text.split import split_sub_sentences, sub_sentence_token_spans, token_span_masks
+
+SCALES = ("full", "global+finest", "global")
+ALIGNMENTS = ("joint", "separate", "concat")
+TEST_SIMILARITIES = ("global+local", "local", "global")
+_SUB_SENTENCE_DELIMITERS = frozenset(",;.!?")
+
+
+# =============================================================================================
+# 1. Visual representation: staircase network with split-and-shuffle (Sec. 3.1)
+# =============================================================================================
+
+
+def split_and_shuffle(feature_map: Tensor, num_stripes: int, generator: torch.Generator | None = None) -> Tensor:
+    """Cut ``[B, C, H, W]`` into ``num_stripes`` horizontal stripes and re-stack them in a random order.
+
+    Each sample gets its own permutation. Stripes are as equal as ``H`` allows
+    (``torch.tensor_split`` sizes); a stripe keeps its rows in order, only the stripe order
+    changes. The branches never undo it: the non-local attention does not depend on the order
+    of stripes (Sec. 3.1).
+    """
+    batch, _, height, _ = feature_map.shape
+    if num_stripes <= 1 or height < 2:
+        return feature_map
+    num_stripes = min(num_stripes, height)
+    stripe_of_row = torch.cat(
+        [torch.full((len(rows),), i, dtype=torch.long) for i, rows in enumerate(torch.arange(height).tensor_split(num_stripes))]
+    ).to(feature_map.device)
+    # rank[b, s] = where stripe s goes for sample b; sort rows by (new stripe slot, row index).
+    keys = torch.rand(batch, num_stripes, generator=generator, device="cpu").to(feature_map.device)
+    rank = keys.argsort(dim=1).argsort(dim=1)
+    row_keys = rank[:, stripe_of_row] * height + torch.arange(height, device=feature_map.device)
+    order = row_keys.argsort(dim=1)  # [B, H] source row of each output row
+    index = order[:, None, :, None].expand(-1, feature_map.shape[1], -1, feature_map.shape[3])
+    return feature_map.gather(2, index)
+
+
+class _EfficientNetTail(nn.Module):
+    """EfficientNet-Lite0 blocks from some index to the end, plus the head, with drop-connect."""
+
+    def __init__(self, blocks: Sequence[nn.Module], first_index: int, total_blocks: int, rate: float, head: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.first_index = first_index
+        self.total_blocks = total_blocks
+        self.drop_connect_rate = rate
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        for offset, block in enumerate(self.blocks):
+            index = self.first_index + offset
+            rate = self.drop_connect_rate * index / self.total_blocks if self.training else None
+            x = block(x, drop_connect_rate=rate)
+        return self.head(x)
+
+
+def backbone_tail(backbone: ImageBackbone, after_map: int) -> nn.Module:
+    """A deep copy of the backbone stages that follow stage map ``after_map`` (to the end).
+
+    A copy, not shared weights: each staircase branch learns its own stages, initialised from
+    the same (pretrained) weights as the global branch, as in the paper's Fig. 2.
+    """
+    num_maps = len(backbone.channels)
+    index = after_map % num_maps
+    if index >= num_maps - 1:
+        raise ValueError(f"branch point {after_map} is the last stage map; no stage follows it")
+    if isinstance(backbone, ResNet50):
+        return nn.Sequential(*copy.deepcopy(list(backbone.layers[index + 1 :])))
+    if isinstance(backbone, EfficientNetLite0):
+        first = backbone.stage_ends[index] + 1
+        blocks = copy.deepcopy(list(backbone.blocks[first:]))
+        return _EfficientNetTail(blocks, first, len(backbone.blocks), backbone.drop_connect_rate, copy.deepcopy(backbone.head))
+    raise ValueError(
+        f"the staircase network needs a CNN with stage maps (resnet50, efficientnet_lite0), got {type(backbone).__name__}; "
+        f"use model.image_network=plain for other image backbones"
+    )
+
+
+@dataclass
+class StaircaseMaps:
+    global_map: Tensor  # [B, C, h, w] last map of the global branch
+    region_map: Tensor | None  # output of the region branch (or the global map for "plain")
+    patch_map: Tensor | None  # output of the patch branch (or the global map for "plain")
+
+
+class StaircaseNetwork(nn.Module):
+    """Global, region and patch branches over one image backbone (Sec. 3.1, Fig. 2).
+
+    ``staircase=False`` is the "plain" ablation (Table 4 without the staircase): the region and
+    patch stripes are cut from the global branch's last map (PCB style), no extra stages.
+    """
+
+    def __init__(
+        self,
+        trunk: ImageBackbone,
+        use_regions: bool,
+        use_patches: bool,
+        staircase: bool = True,
+        region_stage: int = -3,
+        patch_stage: int = -2,
+        region_stripes: int = 2,
+        patch_stripes: int = 3,
+        split_shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.staircase = staircase
+        self.use_regions, self.use_patches = use_regions, use_patches
+        self.region_stage, self.patch_stage = region_stage, patch_stage
+        self.region_stripes, self.patch_stripes = region_stripes, patch_stripes
+        self.split_shuffle = split_shuffle
+        self.region_branch = backbone_tail(trunk, region_stage) if staircase and use_regions else None
+        self.patch_branch = backbone_tail(trunk, patch_stage) if staircase and use_patches else None
+
+    # What PersonSearchMethod.image_mean_std reads.
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.trunk.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.trunk.std
+
+    @property
+    def out_channels(self) -> int:
+        return self.trunk.out_channels
+
+    def _branch_input(self, feature_map: Tensor, stripes: int) -> Tensor:
+        if self.training and self.split_shuffle:
+            return split_and_shuffle(feature_map, stripes)
+        return feature_map
+
+    def forward(self, images: Tensor) -> StaircaseMaps:
+        maps = self.trunk(images).feature_maps
+        global_map = maps[-1]
+        region_map = patch_map = None
+        if self.use_regions:
+            region_map = (
+                self.region_branch(self._branch_input(maps[self.region_stage], self.region_stripes))
+                if self.region_branch is not None
+                else global_map
+            )
+        if self.use_patches:
+            patch_map = (
+                self.patch_branch(self._branch_input(maps[self.patch_stage], self.patch_stripes))
+                if self.patch_branch is not None
+                else global_map
+            )
+        return StaircaseMaps(global_map, region_map, patch_map)
+
+
+def pool_stripes(feature_map: Tensor, num_stripes: int, mode: str) -> Tensor:
+    """``[B, C, H, W]`` -> ``[B, num_stripes, C]``: horizontal stripes, each pooled ("avg", "max", "avg+max")."""
+    stripes = feature_map.tensor_split(min(num_stripes, feature_map.shape[2]), dim=2)
+    pooled = []
+    for stripe in stripes:
+        vector = stripe.mean(dim=(2, 3)) if mode in ("avg", "avg+max") else 0
+        if mode in ("max", "avg+max"):
+            # Max pooling keeps small, distinctive parts (a bag, shoes) that averaging dilutes.
+            vector = vector + stripe.amax(dim=(2, 3))
+        if mode not in ("avg", "max", "avg+max"):
+            raise ValueError(f"unknown image pooling {mode!r}; use avg, max or avg+max")
+        pooled.append(vector)
+    result = torch.stack(pooled, dim=1)
+    if result.shape[1] < num_stripes:  # maps shorter than the stripe count: repeat the last stripe
+        result = torch.cat([result, result[:, -1:].expand(-1, num_stripes - result.shape[1], -1)], dim=1)
+    return result
+
+
+class StripeProjection(nn.Module):
+    """BatchNorm + linear map of pooled stripe vectors ``[B, n, C]`` to ``[B, n, D]`` (shared over stripes)."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_channels)
+        self.linear = nn.Linear(in_channels, dim)
+
+    def forward(self, stripes: Tensor) -> Tensor:
+        batch, count, channels = stripes.shape
+        return self.linear(self.norm(stripes.reshape(batch * count, channels))).reshape(batch, count, -1)
+
+
+# =============================================================================================
+# 2. Textual representation: locality-constrained BERT (Sec. 3.2, eq. 1)
+# =============================================================================================
+
+
+def word_sub_sentence_spans(words: Sequence[str], max_sub_sentences: int) -> list[tuple[int, int]]:
+    """Token spans of sub-sentences in a word list (Bi-LSTM input): cut after , ; . ! ? tokens."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for index, word in enumerate(words):
+        if word in _SUB_SENTENCE_DELIMITERS:
+            if index + 1 > start and any(w not in _SUB_SENTENCE_DELIMITERS for w in words[start : index + 1]):
+                spans.append((start, index + 1))
+                start = index + 1
+            elif spans:  # a stray delimiter run joins the previous sub-sentence
+                spans[-1] = (spans[-1][0], index + 1)
+                start = index + 1
+    if start < len(words):
+        spans.append((start, len(words)))
+    return spans[:max_sub_sentences]
+
+
+class NafsTextProcessor:
+    """Captions -> BERT (or Bi-LSTM) inputs plus the sub-sentence layout (picklable).
+
+    Output, B captions, L = ``max_length``, S = ``max_sub_sentences``:
+
+    * ``input_ids``, ``attention_mask`` ``[B, L]`` (and ``lengths`` for the Bi-LSTM): the sentence;
+    * ``word_mask`` ``[B, L]``: word tokens (special tokens excluded);
+    * ``token_spans`` ``[B, S, 2]``, ``num_sub_sentences`` ``[B]``: sub-sentence token spans;
+    * BERT only, the *packed sub-sentence row* (length ``L + S``): for each sub-sentence a
+      [CLS] followed by a copy of its tokens, ``sub_input_ids``, ``sub_position_ids`` (the
+      tokens keep their sentence positions; the [CLS] takes the position just before its
+      sub-sentence, i.e. it is "attached to the beginning of the sub-sentence"), ``sub_groups``
+      (sub-sentence index of each slot, -1 for padding) and ``sub_cls_index`` ``[B, S]`` (slot of
+      each sub-sentence [CLS]).
+
+    Padding is always to ``max_length``: word features are stacked across evaluation batches.
+    A caption without a comma is one sub-sentence; sub-sentences cut off by truncation are dropped.
+    """
+
+    def __init__(self, base: Any, kind: str, max_length: int, max_sub_sentences: int, cls_id: int = 0, pad_id: int = 0):
+        if kind not in ("bert", "bilstm"):
+            raise ValueError(f"kind must be bert or bilstm, got {kind!r}")
+        self.base = base
+        self.kind = kind
+        self.max_length = max_length
+        self.max_sub_sentences = max_sub_sentences
+        self.cls_id = cls_id
+        self.pad_id = pad_id
+
+    def __call__(self, captions: Sequence[str] | str) -> dict[str, Tensor]:
+        batch = [captions] if isinstance(captions, str) else list(captions)
+        encoded = dict(self.base(batch))
+        size, slots = len(batch), self.max_sub_sentences
+        token_spans = torch.zeros((size, slots, 2), dtype=torch.long)
+        counts = torch.zeros(size, dtype=torch.long)
+        if self.kind == "bert":
+            offsets = encoded.pop("offsets")
+            word_mask = (offsets[..., 1] > offsets[..., 0]).long() * encoded["attention_mask"]
+            for row, caption in enumerate(batch):
+                spans = sub_sentence_token_spans(offsets[row], split_sub_sentences(caption))[:slots]
+                if spans:
+                    token_spans[row, : len(spans)] = torch.tensor(spans, dtype=torch.long)
+                counts[row] = len(spans)
+            encoded.update(self._packed_rows(encoded["input_ids"], token_spans, counts))
+        else:
+            from tbps.text.tokenizers import WordVocabulary
+
+            word_mask = encoded["attention_mask"].clone()
+            for row, caption in enumerate(batch):
+                words = WordVocabulary.tokenize(caption)[: self.max_length]
+                spans = word_sub_sentence_spans(words, slots)
+                if spans:
+                    token_spans[row, : len(spans)] = torch.tensor(spans, dtype=torch.long)
+                counts[row] = len(spans)
+        encoded.update({"word_mask": word_mask, "token_spans": token_spans, "num_sub_sentences": counts})
+        return encoded
+
+    def _packed_rows(self, input_ids: Tensor, token_spans: Tensor, counts: Tensor) -> dict[str, Tensor]:
+        size, slots = token_spans.shape[:2]
+        length = input_ids.shape[1] + slots
+        ids = torch.full((size, length), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((size, length), dtype=torch.long)
+        groups = torch.full((size, length), -1, dtype=torch.long)
+        cls_index = torch.zeros((size, slots), dtype=torch.long)
+        for row in range(size):
+            cursor = 0
+            for sub in range(int(counts[row])):
+                start, end = (int(v) for v in token_spans[row, sub])
+                width = end - start
+                ids[row, cursor] = self.cls_id
+                positions[row, cursor] = max(start - 1, 0)
+                groups[row, cursor : cursor + 1 + width] = sub
+                ids[row, cursor + 1 : cursor + 1 + width] = input_ids[row, start:end]
+                positions[row, cursor + 1 : cursor + 1 + width] = torch.arange(start, end)
+                cls_index[row, sub] = cursor
+                cursor += 1 + width
+        return {"sub_input_ids": ids, "sub_position_ids": positions, "sub_groups": groups, "sub_cls_index": cls_index}
+
+
+@dataclass
+class TextScales:
+    sentence: Tensor  # [B, H] sentence [CLS] (Bi-LSTM: max-pooled)
+    sub_sentences: Tensor | None  # [B, S, H] sub-sentence [CLS] (Bi-LSTM: max over the span)
+    sub_mask: Tensor | None  # [B, S] 1 for real sub-sentences
+    words: Tensor  # [B, L, H] word tokens
+    word_mask: Tensor  # [B, L] 1 for word tokens
+
+
+def group_attention_mask(groups: Tensor, additive_dtype: torch.dtype | None = None) -> Tensor:
+    """4-D mask ``[B, 1, P, P]`` letting slot ``i`` attend to slot ``j`` only within one group (eq. 1).
+
+    ``groups[b, i]`` is the sub-sentence of slot ``i`` (-1 = padding). Every slot also sees itself
+    so no softmax row is empty. Boolean (True = attend) for SDPA; with ``additive_dtype`` the
+    additive form (0 / dtype min) that eager attention adds to its scores.
+    """
+    same = (groups.unsqueeze(2) == groups.unsqueeze(1)) & (groups.unsqueeze(2) >= 0)
+    same = same | torch.eye(groups.shape[1], dtype=torch.bool, device=groups.device)
+    mask = same.unsqueeze(1)
+    if additive_dtype is None:
+        return mask
+    return torch.zeros(mask.shape, dtype=additive_dtype, device=groups.device).masked_fill(
+        ~mask, torch.finfo(additive_dtype).min
+    )
+
+
+class LocalityConstrainedTextEncoder(nn.Module):
+    """Sentence, sub-sentence and word features of a caption (Sec. 3.2).
+
+    BERT: pass 1 is plain BERT over ``[CLS] caption [SEP]`` (sentence [CLS] and word tokens).
+    Pass 2 runs the *packed sub-sentence rows* of :class:`NafsTextProcessor` (each sub-sentence's
+    [CLS] followed by a copy of its tokens) with a block-diagonal 4-D attention mask, so in every
+    layer a sub-sentence [CLS] attends only to the tokens of its own sub-sentence: eq. 1 with
+    ``U`` = the sub-sentence. The copies also attend only within the sub-sentence, which makes the
+    constraint hold through all layers (in a single shared sequence the word tokens would carry
+    the rest of the sentence into the [CLS] from layer 2 on). Positions are the sentence's, so a
+    sub-sentence reads as it does inside the caption. Cost: one extra pass of length ``L + S``.
+
+    Bi-LSTM: sentence = max-pooled states, sub-sentence = max over its span, words = states.
+    """
+
+    def __init__(self, backbone: TextBackbone, use_sub_sentences: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.use_sub_sentences = use_sub_sentences
+        self.is_transformer = isinstance(backbone, TransformerText)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.hidden_size
+
+    def fit(self, captions: Sequence[str]) -> None:
+        self.backbone.fit(captions)
+
+    def _sub_sentence_cls(self, text: Mapping[str, Tensor]) -> Tensor:
+        model = self.backbone.model
+        implementation = getattr(model.config, "_attn_implementation", "eager")
+        additive = None if implementation == "sdpa" else model.dtype
+        mask = group_attention_mask(text["sub_groups"], additive)
+        hidden = model(
+            input_ids=text["sub_input_ids"],
+            attention_mask=mask,
+            position_ids=text["sub_position_ids"],
+            token_type_ids=torch.zeros_like(text["sub_input_ids"]),
+        ).last_hidden_state
+        index = text["sub_cls_index"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        return hidden.gather(1, index)  # [B, S, H]
+
+    def forward(self, text: Mapping[str, Tensor]) -> TextScales:
+        output = self.backbone(text)
+        word_mask = text["word_mask"]
+        sub_sentences = sub_mask = None
+        if self.use_sub_sentences:
+            counts = text["num_sub_sentences"]
+            slots = text["token_spans"].shape[1]
+            sub_mask = (torch.arange(slots, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)).long()
+            if self.is_transformer:
+                sub_sentences = self._sub_sentence_cls(text)
+            else:
+                spans = token_span_masks(text["token_spans"], output.tokens.shape[1])  # [B, S, L]
+                masked = output.tokens.unsqueeze(1).masked_fill(~spans.unsqueeze(-1), float("-inf"))
+                sub_sentences = masked.amax(dim=2)
+                sub_sentences = sub_sentences.masked_fill(~spans.any(dim=2, keepdim=True), 0.0)
+            sub_sentences = sub_sentences * sub_mask.unsqueeze(-1).to(sub_sentences.dtype)
+        return TextScales(output.sentence, sub_sentences, sub_mask, output.tokens, word_mask)
+
+
+class TokenProjection(nn.Module):
+    """LayerNorm + linear map of text hidden states to the joint space D."""
+
+    def __init__(self, hidden: int, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features)
+
+
+def masked_mean(features: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the valid rows: ``[B, n, D]``, ``[B, n]`` -> ``[B, D]``."""
+    weights = mask.to(features.dtype).unsqueeze(-1)
+    return (features * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+# =============================================================================================
+# 3-5. The method: features, contextual non-local alignment, losses, similarity
+# =============================================================================================
+
+
+@register_method("nafs")
+class NAFS(PersonSearchMethod):
+    description = "NAFS: staircase CNN + locality-constrained BERT, contextual non-local alignment over all scales"
+    has_fine_similarity = True
+
+    def __init__(self, config: Any, num_classes: int, image_size: tuple[int, int] | None = None) -> None:
+        super().__init__(config, num_classes, image_size)
+        self.embed_dim = int(option(config, "embed_dim", 768))
+        self.max_text_length = int(option(config, "max_text_length", 64))
+        self.max_sub_sentences = int(option(config, "max_sub_sentences", 8))
+        self.scales = str(option(config, "scales", "full"))
+        self.alignment = str(option(config, "alignment", "joint"))
+        self.test_similarity = str(option(config, "test_similarity", "global+local"))
+        self.image_pooling = str(option(config, "image_pooling", "avg"))
+        self.region_stripes = int(option(config, "region_stripes", 2))  # n1
+        self.patch_stripes = int(option(config, "patch_stripes", 3))  # n2
+        # Memory budget (floats per [pairs x m x n] intermediate) of the tiled test similarity.
+        self.similarity_max_elements = int(option(config, "similarity_max_elements", 1 << 23))
+        if self.scales not in SCALES:
+            raise ValueError(f"model.scales must be one of {SCALES}, got {self.scales!r}")
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"model.alignment must be one of {ALIGNMENTS}, got {self.alignment!r}")
+        if self.test_similarity not in TEST_SIMILARITIES:
+            raise ValueError(f"model.test_similarity must be one of {TEST_SIMILARITIES}, got {self.test_similarity!r}")
+        self.use_mid = self.scales == "full"  # regions and sub-sentences (scale 2)
+        self.use_fine = self.scales in ("full", "global+finest")  # patches and words (scale 3)
+        # Table 2 "Global": the contextual non-local attention needs several features per side,
+        # so with global features only it is off, like concatenation (one vector each).
+        self.has_local = self.use_fine and self.alignment != "concat"
+
+        loss_weights = option(config, "losses", {}) or {}
+        # Eq. 7: lambda_2 L_CMPM + lambda_3 L_CMPC + lambda_4 L_CSAL with (1, 1, 0.1).
+        self.cmpm_weight = float(option(loss_weights, "cmpm", 1.0))
+        self.cmpc_weight = float(option(loss_weights, "cmpc", 1.0))
+        self.csal_weight = float(option(loss_weights, "csal", 0.1)) if self.has_local else 0.0
+        # CSAL's p is a softmax of scale * S (see tbps.losses.similarity_kl_alignment): S is a
+        # mean cosine in [-1, 1], too flat a logit without a scale.
+        self.csal_scale = float(option(loss_weights, "csal_scale", 10.0))
+        self.csal_epsilon = float(option(loss_weights, "csal_epsilon", 1e-8))
+
+        # ---- image: staircase network (Sec. 3.1)
+        image_network = str(option(config, "image_network", "staircase"))
+        if image_network not in ("staircase", "plain"):
+            raise ValueError(f"model.image_network must be staircase or plain, got {image_network!r}")
+        trunk = create_image_backbone(option(config, "image_backbone"), image_size=image_size)
+        self.image_backbone = StaircaseNetwork(
+            trunk,
+            use_regions=self.use_mid,
+            use_patches=self.use_fine,
+            staircase=image_network == "staircase",
+            region_stage=int(option(config, "region_stage", -3)),
+            patch_stage=int(option(config, "patch_stage", -2)),
+            region_stripes=self.region_stripes,
+            patch_stripes=self.patch_stripes,
+            split_shuffle=bool(option(config, "split_shuffle", True)),
+        )
+        channels = trunk.out_channels
+        self.global_projection = StripeProjection(channels, self.embed_dim)
+        self.region_projection = StripeProjection(channels, self.embed_dim) if self.use_mid else None
+        self.patch_projection = StripeProjection(channels, self.embed_dim) if self.use_fine else None
+
+        # ---- text: locality-constrained BERT (Sec. 3.2)
+        self.text_backbone = LocalityConstrainedTextEncoder(
+            create_text_backbone(option(config, "text_backbone")), use_sub_sentences=self.use_mid
+        )
+        hidden = self.text_backbone.hidden_size
+        self.sentence_projection = TokenProjection(hidden, self.embed_dim)
+        self.sub_sentence_projection = TokenProjection(hidden, self.embed_dim) if self.use_mid else None
+        self.word_projection = TokenProjection(hidden, self.embed_dim) if self.use_fine else None
+
+        # ---- alignment (Sec. 3.3)
+        attention = option(config, "attention", {}) or {}
+        self.attention = ContextualNonLocalAttention(
+            self.embed_dim,
+            image_inverse_temperature=float(option(attention, "lambda_image", 20.0)),  # lambda_1
+            text_inverse_temperature=float(option(attention, "lambda_text", 20.0)),  # lambda_2
+            focal=bool(option(attention, "focal", True)),
+            directions=str(option(attention, "directions", "both")),
+        )
+        num_scales = 1 + int(self.use_mid) + int(self.use_fine)
+        global_dim = self.embed_dim * (num_scales if self.alignment == "concat" else 1)
+        self.cmpc = CMPCLoss(global_dim, max(self.num_classes, 1))
+
+    # ------------------------------------------------------------------ 1. image features
+    def encode_image(self, images: Tensor) -> Features:
+        """``global`` [B, D] (global branch) and, with local scales, ``local`` [B, m, D]:
+        the global vector, then ``n1`` region stripes, then ``n2`` patch stripes."""
+        maps = self.image_backbone(images)
+        scales = [self.global_projection(pool_stripes(maps.global_map, 1, self.image_pooling))]
+        if self.use_mid:
+            scales.append(self.region_projection(pool_stripes(maps.region_map, self.region_stripes, self.image_pooling)))
+        if self.use_fine:
+            scales.append(self.patch_projection(pool_stripes(maps.patch_map, self.patch_stripes, self.image_pooling)))
+        if self.alignment == "concat":
+            # Table 4 rows 2-3: one vector per image, the scales' (mean) vectors concatenated.
+            return {"global": torch.cat([scale.mean(dim=1) for scale in scales], dim=-1)}
+        features = {"global": scales[0][:, 0]}
+        if self.has_local:
+            features["local"] = torch.cat(scales, dim=1)
+        return features
+
+    # ------------------------------------------------------------------ 2. text features
+    def fit_text(self, captions: Sequence[str]) -> None:
+        self.text_backbone.fit(captions)
+
+    def build_text_processor(self) -> TextProcessor:
+        backbone = self.text_backbone.backbone
+        if isinstance(backbone, BiLSTMText):
+            base = backbone.build_processor(self.max_text_length)
+            return NafsTextProcessor(base, "bilstm", self.max_text_length, self.max_sub_sentences)
+        tokenizer = backbone.build_processor(self.max_text_length, pad_to_longest=False)
+        return NafsTextProcessor(
+            tokenizer, "bert", self.max_text_length, self.max_sub_sentences, tokenizer.cls_id, tokenizer.pad_id
+        )
+
+    def encode_text(self, text: Mapping[str, Tensor]) -> Features:
+        """``global`` [B, D] (sentence [CLS]) and, with local scales, ``local`` [B, n, D] (sentence,
+        ``S`` sub-sentence slots, ``L`` word slots) with its ``local_mask`` [B, n]."""
+        parts = self.text_backbone(text)
+        sentence = self.sentence_projection(parts.sentence)
+        scales, masks = [sentence.unsqueeze(1)], [torch.ones_like(sentence[:, :1])]
+        if self.use_mid:
+            scales.append(self.sub_sentence_projection(parts.sub_sentences))
+            masks.append(parts.sub_mask.to(sentence.dtype))
+        if self.use_fine:
+            scales.append(self.word_projection(parts.words))
+            masks.append(parts.word_mask.to(sentence.dtype))
+        if self.alignment == "concat":
+            return {"global": torch.cat([masked_mean(s, m) for s, m in zip(scales, masks)], dim=-1)}
+        features = {"global": sentence}
+        if self.has_local:
+            features["local"] = torch.cat(scales, dim=1)
+            features["local_mask"] = torch.cat(masks, dim=1)
+        return features
+
+    # ------------------------------------------------------------------ 3. alignment
+    def _scale_slices(self) -> list[tuple[slice, slice]]:
+        """(image slice, text slice) of the ``local`` sets aligned separately (Table 3)."""
+        slots = self.max_sub_sentences
+        pairs = [(slice(0, 1), slice(0, 1))]  # whole image <-> whole sentence
+        image_at, text_at = 1, 1
+        if self.use_mid:  # large regions <-> sub-sentences
+            pairs.append((slice(image_at, image_at + self.region_stripes), slice(text_at, text_at + slots)))
+            image_at, text_at = image_at + self.region_stripes, text_at + slots
+        if self.use_fine:  # small patches <-> words
+            pairs.append((slice(image_at, image_at + self.patch_stripes), slice(text_at, None)))
+        return pairs
+
+    def local_similarities(
+        self, image_features: Mapping[str, Tensor], text_features: Mapping[str, Tensor], max_elements: int | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(S, S')`` over every image x text, ``[images x texts]`` each (None if a direction is off).
+
+        Joint alignment: one contextual non-local attention over all scales (eqs. 2-5). Separate
+        alignment (Table 3): the global pair by cosine, regions/sub-sentences and patches/words
+        each by the non-local attention within the pair of scales, averaged.
+        """
+        image_local, text_local, text_mask = image_features["local"], text_features["local"], text_features["local_mask"]
+        queries, image_values, keys, text_values = self.attention.project(image_local, text_local)
+        if self.alignment == "joint":
+            return self.attention.similarities_from_projections(
+                queries, image_values, None, keys, text_values, text_mask, max_elements
+            )
+        totals: list[Tensor | None] = [None, None]
+        pairs = self._scale_slices()
+        for image_slice, text_slice in pairs:
+            if image_slice.stop == 1:
+                cosine = F.normalize(image_local[:, 0], dim=-1) @ F.normalize(text_local[:, 0], dim=-1).t()
+                parts: tuple[Tensor | None, Tensor | None] = (
+                    cosine if self.attention.uses_image_to_text else None,
+                    cosine if self.attention.uses_text_to_image else None,
+                )
+            else:
+                parts = self.attention.similarities_from_projections(
+                    queries[:, image_slice], image_values[:, image_slice], None,
+                    keys[:, text_slice], text_values[:, text_slice], text_mask[:, text_slice], max_elements,
+                )
+            totals = [part if total is None else (total if part is None else total + part) for total, part in zip(totals, parts)]
+        return tuple(None if total is None else total / len(pairs) for total in totals)  # type: ignore[return-value]
+
+    @staticmethod
+    def _mean_directions(image_to_text: Tensor | None, text_to_image: Tensor | None) -> Tensor:
+        present = [s for s in (image_to_text, text_to_image) if s is not None]
+        return sum(present) / len(present)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ 4. losses (eq. 7)
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        image_features = self.encode_image(batch["images"])
+        text_features = self.encode_text(batch["text"])
+        labels = self.gather(batch["labels"])
+        image_global, text_global = self.gather(image_features["global"]), self.gather(text_features["global"])
+        losses: dict[str, Tensor] = {}
+        if self.cmpm_weight:
+            losses["cmpm"] = self.cmpm_weight * cmpm_loss(image_global, text_global, labels)
+        if self.cmpc_weight:
+            losses["cmpc"] = self.cmpc_weight * self.cmpc(image_features["global"], text_features["global"], batch["labels"])
+        if self.csal_weight:
+            # CSAL compares every image with every caption of the (gathered) batch.
+            images = {"local": self.gather(image_features["local"])}
+            texts = {"local": self.gather(text_features["local"]), "local_mask": self.gather(text_features["local_mask"])}
+            image_to_text, text_to_image = self.local_similarities(images, texts)
+            primary = image_to_text if image_to_text is not None else text_to_image
+            losses["csal"] = self.csal_weight * similarity_kl_alignment(
+                primary,
+                labels,
+                scale=self.csal_scale,
+                epsilon=self.csal_epsilon,
+                similarity_t2i=text_to_image,  # L_t on S'; with one direction, both terms use it
+            )
+        return losses
+
+    # ------------------------------------------------------------------ 5. similarity at test
+    def similarity(self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor]) -> Tensor:
+        """``[texts x images]``: global cosine, non-local score, or their sum (``test_similarity``).
+
+        The non-local part is tiled over the pair grid (``similarity_max_elements``), so a full
+        CUHK-PEDES test matrix never holds more than one tile of ``[pairs x m x n]`` tensors.
+        """
+        if not self.has_local or self.test_similarity == "global":
+            return self.global_similarity(text_features, image_features)
+        local_i2t, local_t2i = self.local_similarities(image_features, text_features, self.similarity_max_elements)
+        local = self._mean_directions(local_i2t, local_t2i).t().float()
+        if self.test_similarity == "local":
+            return local
+        return self.global_similarity(text_features, image_features) + local
+
+    def score_candidates(
+        self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor], candidates: Tensor
+    ) -> Tensor:
+        """Score text ``t`` against ``candidates[t]`` only, ``[texts x k]``, batched over texts.
+
+        The same number as :meth:`similarity` on those pairs; texts are processed in blocks so a
+        block's ``[texts x k x m x D]`` gathered image features stay within the memory budget.
+        """
+        if not self.has_local or self.test_similarity == "global":
+            text = F.normalize(text_features["global"].float(), dim=-1)
+            image = F.normalize(image_features["global"].float(), dim=-1)
+            return torch.einsum("td,tkd->tk", text, image[candidates])
+        num_texts, k = candidates.shape
+        m = image_features["local"].shape[1]
+        n, dim = text_features["local"].shape[1:]
+        block = max(1, self.similarity_max_elements // max(1, k * max(m * n, m * dim)))
+        rows = []
+        for start in range(0, num_texts, block):
+            rows.append(
+                self._score_candidate_block(
+                    index_features(text_features, slice(start, start + block)), image_features, candidates[start : start + block]
+                )
+            )
+        if not rows:
+            return torch.zeros((0, k), dtype=torch.float32, device=candidates.device)
+        return torch.cat(rows)
+
+    def _score_candidate_block(
+        self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor], candidates: Tensor
+    ) -> Tensor:
+        image_local = image_features["local"][candidates]  # [T, k, m, D]
+        text_local, text_mask = text_features["local"], text_features["local_mask"]
+        queries, image_values, keys, text_values = self.attention.project(image_local, text_local)
+        attention = self.attention
+        if self.alignment == "joint":
+            pairs = [(slice(None), slice(None))]
+        else:
+            pairs = self._scale_slices()
+        totals: list[Tensor | None] = [None, None]
+        for image_slice, text_slice in pairs:
+            if self.alignment == "separate" and image_slice.stop == 1:
+                cosine = torch.einsum(
+                    "tkd,td->tk", F.normalize(image_local[:, :, 0], dim=-1), F.normalize(text_local[:, 0], dim=-1)
+                )
+                parts = (cosine if attention.uses_image_to_text else None, cosine if attention.uses_text_to_image else None)
+            else:
+                q, iv = queries[:, :, image_slice], image_values[:, :, image_slice]
+                tk, tv, tm = keys[:, text_slice], text_values[:, text_slice], text_mask[:, text_slice]
+                parts = (
+                    candidate_non_local_similarity(q, iv, None, tk, tv, tm, attention.image_inverse_temperature, attention.focal)
+                    if attention.uses_image_to_text
+                    else None,
+                    candidate_non_local_similarity(tk, tv, tm, q, iv, None, attention.text_inverse_temperature, attention.focal)
+                    if attention.uses_text_to_image
+                    else None,
+                )
+            totals = [part if total is None else (total if part is None else total + part) for total, part in zip(totals, parts)]
+        totals = [None if total is None else total / len(pairs) for total in totals]
+        local = self._mean_directions(totals[0], totals[1]).float()
+        if self.test_similarity == "local":
+            return local
+        text = F.normalize(text_features["global"].float(), dim=-1)
+        image = F.normalize(image_features["global"].float(), dim=-1)[candidates]
+        return torch.einsum("td,tkd->tk", text, image) + local
+
+
+__all__ = [
+    "NAFS",
+    "LocalityConstrainedTextEncoder",
+    "NafsTextProcessor",
+    "StaircaseNetwork",
+    "backbone_tail",
+    "group_attention_mask",
+    "pool_stripes",
+    "split_and_shuffle",
+    "word_sub_sentence_spans",
+]

@@ -1,0 +1,354 @@
+"""Cross-modal attention blocks shared by methods.
+
+:class:`ContextualNonLocalAttention` is NAFS's contextual non-local attention (Gao et al. 2021,
+Sec. 3.3, eqs. 2-5 and the text-to-image counterpart): every feature of one modality attends,
+through a focal-filtered softmax, to *all* features of the other modality (every scale at once),
+and the pair similarity is the mean cosine between each feature and its attended context. It is a
+set-to-set similarity, so any method that scores an image against a caption from two sets of
+local features (regions/phrases, stripes/words) can reuse it.
+
+All functions here are batched over every (query item, key item) pair of two batches: a chunk of
+``A`` items (e.g. images) against ``B`` items (e.g. captions) is one set of tensor operations
+of shape ``[A, B, m, n]``; :func:`chunked_non_local_similarity` tiles large galleries so memory
+stays bounded. There is no Python loop over pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ContextualNonLocalAttention",
+    "candidate_non_local_similarity",
+    "chunked_non_local_similarity",
+    "focal_filter",
+    "non_local_attention_weights",
+    "non_local_similarity",
+]
+
+
+def focal_filter(normalized: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """NAFS's focal attention trick: ``s~_ab = [sum_c (s^_ab - s^_ac)]_+ * s^_ab`` (Sec. 3.3).
+
+    ``normalized`` holds ``s^`` with the key axis last (``[..., n]``). The sum runs over the ``c``
+    valid keys only (``key_mask`` broadcastable to ``normalized``), so it equals
+    ``n_valid * s^_ab - sum_c s^_ac``: keys weighted below their row's mean are zeroed, which
+    filters out irrelevant fragments before the softmax of eq. 3 (after BFAN, the paper's [15]).
+    Masked keys come out as 0.
+    """
+    if key_mask is None:
+        key_mask = torch.ones_like(normalized)
+    key_mask = key_mask.to(normalized.dtype)
+    valid = normalized * key_mask
+    count = key_mask.sum(dim=-1, keepdim=True)
+    gate = (count * valid - valid.sum(dim=-1, keepdim=True)).clamp(min=0)
+    return gate * valid
+
+
+def non_local_attention_weights(
+    cosine: Tensor,
+    query_mask: Tensor,
+    key_mask: Tensor,
+    inverse_temperature: float,
+    focal: bool = True,
+    epsilon: float = 1e-8,
+) -> Tensor:
+    """Attention weights ``alpha_ab`` of eqs. 2-3 from raw cosines ``[..., m, n]``.
+
+    ``cosine[..., a, b]`` is the cosine between query ``a`` and key ``b`` of one pair. Eq. 2 clips
+    it at 0; it is then normalised over the *queries* (``s^_ab = s_ab / sum_a s_ab``, as the
+    paper writes it), focal-filtered, and turned into a softmax over the valid keys with inverse
+    temperature ``lambda`` (eq. 3). ``query_mask`` ``[..., m]`` and ``key_mask`` ``[..., n]``
+    (broadcastable to the pair dimensions, 1 for real features).
+    """
+    query_valid = query_mask.to(cosine.dtype).unsqueeze(-1)  # [..., m, 1]
+    key_valid = key_mask.to(cosine.dtype).unsqueeze(-2)  # [..., 1, n]
+    clipped = cosine.clamp(min=0) * query_valid * key_valid  # eq. 2, [x]_+
+    normalized = clipped / (clipped.sum(dim=-2, keepdim=True) + epsilon)  # s^: sum over queries a
+    filtered = focal_filter(normalized, key_valid.expand_as(normalized)) if focal else normalized
+    logits = (inverse_temperature * filtered).masked_fill(key_valid == 0, float("-inf"))
+    return logits.softmax(dim=-1)  # eq. 3, over the keys b
+
+
+def _similarity_from_scores(
+    cosine: Tensor,
+    value_dots: Tensor,
+    gram_product: Callable[[Tensor], Tensor],
+    query_value_norm: Tensor,
+    query_mask: Tensor,
+    key_mask: Tensor,
+    inverse_temperature: float,
+    focal: bool,
+    epsilon: float,
+) -> tuple[Tensor, Tensor]:
+    """Eqs. 3-5 from the pair tensors ``[..., m, n]``; returns ``(S [...], alpha [..., m, n])``.
+
+    ``value_dots[..., a, b] = v_a . u_b`` (query value with key value) and ``gram_product(alpha)``
+    is ``alpha @ G`` with ``G`` the key item's value Gram matrix, so that
+    ``v_a . r_a = sum_b alpha_ab v_a . u_b`` and ``||r_a||^2 = alpha_a^T G alpha_a``:
+    ``r_a = sum_b alpha_ab u_b`` (eq. 3) is never built as a ``[..., m, D]`` tensor.
+    """
+    alpha = non_local_attention_weights(cosine, query_mask, key_mask, inverse_temperature, focal, epsilon)
+    numerator = (alpha * value_dots).sum(dim=-1)  # v_a . r_a
+    context_norm_sq = (gram_product(alpha) * alpha).sum(dim=-1)  # ||r_a||^2
+    relevance = numerator / (query_value_norm * context_norm_sq.clamp(min=0).sqrt()).clamp(min=epsilon)  # eq. 4
+    weights = query_mask.to(relevance.dtype)
+    similarity = (relevance * weights).sum(dim=-1) / weights.sum(dim=-1).clamp(min=1.0)  # eq. 5
+    return similarity, alpha
+
+
+def non_local_similarity(
+    query_queries: Tensor,
+    query_values: Tensor,
+    query_mask: Tensor | None,
+    key_keys: Tensor,
+    key_values: Tensor,
+    key_mask: Tensor | None,
+    inverse_temperature: float,
+    focal: bool = True,
+    epsilon: float = 1e-8,
+    return_attention: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Contextual non-local similarity of every query item with every key item, ``[A, B]``.
+
+    For image-to-text (eqs. 2-5) the *query side* is the image (``I_Q``, ``I_V``; ``m`` features
+    per image) and the *key side* the caption (``T_K``, ``T_V``; ``n`` features); for
+    text-to-image the roles swap (the caption's keys act as queries), exactly as in the paper.
+
+    * eq. 3: ``r_va = sum_b alpha_ab t_vb``;
+    * eq. 4: ``R(i_va, r_va) = cos(i_va, r_va)``;
+    * eq. 5: ``S(I, T) = mean_a R(i_va, r_va)`` over the valid query features.
+
+    Shapes: ``query_queries``/``query_values`` ``[A, m, D]``, ``key_keys``/``key_values``
+    ``[B, n, D]``, masks ``[A, m]`` / ``[B, n]`` or None (all valid). Returns ``[A, B]`` (and the
+    ``[A, B, m, n]`` attention weights if ``return_attention``).
+    """
+    num_queries, m = query_queries.shape[:2]
+    num_keys, n = key_keys.shape[:2]
+    if query_mask is None:
+        query_mask = query_queries.new_ones(num_queries, m)
+    if key_mask is None:
+        key_mask = key_keys.new_ones(num_keys, n)
+    cosine = torch.einsum("amd,bnd->abmn", F.normalize(query_queries, dim=-1), F.normalize(key_keys, dim=-1))
+    value_dots = torch.einsum("amd,bnd->abmn", query_values, key_values)
+    gram = key_values @ key_values.transpose(1, 2)  # [B, n, n]
+    similarity, alpha = _similarity_from_scores(
+        cosine,
+        value_dots,
+        lambda weights: torch.einsum("abmn,bnl->abml", weights, gram),
+        query_values.norm(dim=-1).unsqueeze(1),  # [A, 1, m]
+        query_mask.unsqueeze(1),
+        key_mask.unsqueeze(0),
+        inverse_temperature,
+        focal,
+        epsilon,
+    )
+    if return_attention:
+        return similarity, alpha
+    return similarity
+
+
+def candidate_non_local_similarity(
+    query_queries: Tensor,
+    query_values: Tensor,
+    query_mask: Tensor | None,
+    key_keys: Tensor,
+    key_values: Tensor,
+    key_mask: Tensor | None,
+    inverse_temperature: float,
+    focal: bool = True,
+    epsilon: float = 1e-8,
+) -> Tensor:
+    """The same similarity for ``T`` rows, each against its own ``K`` candidates, ``[T, K]``.
+
+    One side is per row (``[T, m, D]``), the other per candidate (``[T, K, n, D]``): image-to-text
+    two-stage scoring passes the candidate images as the query side (``[T, K, m, D]``) and the
+    texts as the key side (``[T, n, D]``); text-to-image the other way round. Masks follow the
+    features' leading shape (``[T, m]`` / ``[T, K, n]``) or are None.
+    """
+    per_candidate_queries = query_queries.dim() == 4
+    if per_candidate_queries == (key_keys.dim() == 4):
+        raise ValueError("exactly one side must be per candidate ([T, K, *, D]), the other per row ([T, *, D])")
+    if query_mask is None:
+        query_mask = query_queries.new_ones(query_queries.shape[:-1])
+    if key_mask is None:
+        key_mask = key_keys.new_ones(key_keys.shape[:-1])
+    query_unit, key_unit = F.normalize(query_queries, dim=-1), F.normalize(key_keys, dim=-1)
+    if per_candidate_queries:
+        cosine = torch.einsum("tkmd,tnd->tkmn", query_unit, key_unit)
+        value_dots = torch.einsum("tkmd,tnd->tkmn", query_values, key_values)
+        gram = key_values @ key_values.transpose(1, 2)  # [T, n, n]
+        gram_product = lambda weights: torch.einsum("tkmn,tnl->tkml", weights, gram)  # noqa: E731
+        query_norm, key_mask = query_values.norm(dim=-1), key_mask.unsqueeze(1)
+    else:
+        cosine = torch.einsum("tmd,tknd->tkmn", query_unit, key_unit)
+        value_dots = torch.einsum("tmd,tknd->tkmn", query_values, key_values)
+        gram = key_values @ key_values.transpose(-1, -2)  # [T, K, n, n]
+        gram_product = lambda weights: weights @ gram  # noqa: E731
+        query_norm, query_mask = query_values.norm(dim=-1).unsqueeze(1), query_mask.unsqueeze(1)
+    similarity, _ = _similarity_from_scores(
+        cosine, value_dots, gram_product, query_norm, query_mask, key_mask, inverse_temperature, focal, epsilon
+    )
+    return similarity
+
+
+def chunked_non_local_similarity(
+    query_queries: Tensor,
+    query_values: Tensor,
+    query_mask: Tensor | None,
+    key_keys: Tensor,
+    key_values: Tensor,
+    key_mask: Tensor | None,
+    inverse_temperature: float,
+    focal: bool = True,
+    max_elements: int = 1 << 23,
+) -> Tensor:
+    """:func:`non_local_similarity` over tiles of the ``[A, B]`` pair grid.
+
+    Each tile holds at most ``max_elements`` entries per ``[a, b, m, n]`` intermediate (the
+    default, 8M floats = 32 MB each, keeps the peak to a few hundred MB), so a CUHK-PEDES test
+    gallery (6,156 x 3,074 pairs) runs in bounded memory.
+    """
+    num_queries, m = query_queries.shape[:2]
+    num_keys, n = key_keys.shape[:2]
+    per_pair = max(1, m * n)
+    key_block = max(1, min(num_keys, max_elements // per_pair))
+    query_block = max(1, max_elements // (per_pair * key_block))
+    rows = []
+    for q_start in range(0, num_queries, query_block):
+        q_slice = slice(q_start, q_start + query_block)
+        columns = []
+        for k_start in range(0, num_keys, key_block):
+            k_slice = slice(k_start, k_start + key_block)
+            columns.append(
+                non_local_similarity(
+                    query_queries[q_slice],
+                    query_values[q_slice],
+                    None if query_mask is None else query_mask[q_slice],
+                    key_keys[k_slice],
+                    key_values[k_slice],
+                    None if key_mask is None else key_mask[k_slice],
+                    inverse_temperature,
+                    focal,
+                )
+            )
+        rows.append(torch.cat(columns, dim=1))
+    if not rows:
+        return query_queries.new_zeros(num_queries, num_keys)
+    return torch.cat(rows, dim=0)
+
+
+class ContextualNonLocalAttention(nn.Module):
+    """NAFS's contextual non-local attention with its four learned projections (Sec. 3.3, Fig. 3).
+
+    Images: ``I -> I_Q`` (queries) and ``I -> I_V`` (values); captions: ``T -> T_K`` (keys) and
+    ``T -> T_V`` (values). Image-to-text (eqs. 2-5) gives ``S(I, T)``; text-to-image uses
+    ``T_K`` as queries against ``I_Q`` as keys and gives ``S'(T, I)``; both are returned in the
+    same ``[images x texts]`` layout so they can be fed to CSAL together.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        image_inverse_temperature: float = 20.0,
+        text_inverse_temperature: float = 20.0,
+        focal: bool = True,
+        directions: str = "both",
+    ) -> None:
+        super().__init__()
+        if directions not in ("both", "image-to-text", "text-to-image"):
+            raise ValueError(f"directions must be both, image-to-text or text-to-image, got {directions!r}")
+        self.image_query = nn.Linear(dim, dim)
+        self.image_value = nn.Linear(dim, dim)
+        self.text_key = nn.Linear(dim, dim)
+        self.text_value = nn.Linear(dim, dim)
+        self.image_inverse_temperature = float(image_inverse_temperature)  # lambda_1 (eq. 3)
+        self.text_inverse_temperature = float(text_inverse_temperature)  # lambda_2
+        self.focal = bool(focal)
+        self.directions = directions
+
+    @property
+    def uses_image_to_text(self) -> bool:
+        return self.directions in ("both", "image-to-text")
+
+    @property
+    def uses_text_to_image(self) -> bool:
+        return self.directions in ("both", "text-to-image")
+
+    def project(
+        self, image_features: Tensor, text_features: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(I_Q, I_V, T_K, T_V)`` for ``[*, m, D]`` image and ``[*, n, D]`` text features."""
+        return (
+            self.image_query(image_features),
+            self.image_value(image_features),
+            self.text_key(text_features),
+            self.text_value(text_features),
+        )
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        image_mask: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        max_elements: int | None = None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(S, S')``, each ``[images x texts]`` (None for a direction switched off).
+
+        ``S[i, j] = S(I_i, T_j)`` (image-to-text, eq. 5), ``S'[i, j] = S'(T_j, I_i)``.
+        ``max_elements`` tiles the pair grid (evaluation); None computes it in one go (training).
+        """
+        image_queries, image_values, text_keys, text_values = self.project(image_features, text_features)
+        return self.similarities_from_projections(
+            image_queries, image_values, image_mask, text_keys, text_values, text_mask, max_elements
+        )
+
+    def similarities_from_projections(
+        self,
+        image_queries: Tensor,
+        image_values: Tensor,
+        image_mask: Tensor | None,
+        text_keys: Tensor,
+        text_values: Tensor,
+        text_mask: Tensor | None,
+        max_elements: int | None = None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Both directions from already projected features (see :meth:`forward`)."""
+        image_to_text = text_to_image = None
+        if self.uses_image_to_text:
+            image_to_text = self._run(
+                image_queries, image_values, image_mask, text_keys, text_values, text_mask,
+                self.image_inverse_temperature, max_elements,
+            )
+        if self.uses_text_to_image:
+            # Text keys act as queries over the image queries acting as keys (Sec. 3.3).
+            text_to_image = self._run(
+                text_keys, text_values, text_mask, image_queries, image_values, image_mask,
+                self.text_inverse_temperature, max_elements,
+            ).t()
+        return image_to_text, text_to_image
+
+    def _run(
+        self,
+        queries: Tensor,
+        query_values: Tensor,
+        query_mask: Tensor | None,
+        keys: Tensor,
+        key_values: Tensor,
+        key_mask: Tensor | None,
+        inverse_temperature: float,
+        max_elements: int | None,
+    ) -> Tensor:
+        if max_elements is None:
+            return non_local_similarity(
+                queries, query_values, query_mask, keys, key_values, key_mask, inverse_temperature, self.focal
+            )
+        return chunked_non_local_similarity(
+            queries, query_values, query_mask, keys, key_values, key_mask, inverse_temperature, self.focal,
+            max_elements=max_elements,
+        )

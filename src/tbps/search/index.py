@@ -1,0 +1,681 @@
+"""Gallery index on disk: build, resume, append, open and verify.
+
+An index is a directory::
+
+    manifest.json        format version, method, feature size, config, checkpoint hash, counts,
+                         FAISS settings, file checksums, build report
+    global.faiss         FAISS index over L2-normalised global image embeddings (inner product)
+    global.npy           the same embeddings, float32 (exact re-scoring, "more like this", RVN)
+    local_<name>.npy     the method's other image features, float16, opened memory-mapped
+    metadata.json        one entry per image: path, width, height, camera, timestamp, person id
+
+A build writes into ``.<name>.building`` beside the target, keeping one feature file per
+completed batch plus ``progress.json``; only a finished build is renamed into place, so an
+interrupted build never leaves a half-written index and ``resume=True`` restarts after the
+last completed batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import faiss
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tbps.data.records import ImageLoadError, load_image
+from tbps.data.transforms import ImageTransform
+from tbps.models.base import PersonSearchMethod
+from tbps.utils import atomic_write, sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+METADATA = "metadata.json"
+GLOBAL_INDEX = "global.faiss"
+GLOBAL_VECTORS = "global.npy"
+PROGRESS = "progress.json"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+# Sizes at which "auto" switches to an approximate index: an exact scan of 100k x 256 floats
+# already costs ~100 MB of memory traffic per query.
+EXACT_LIMIT = 100_000
+HNSW_LIMIT = 2_000_000
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class SearchIndexError(ValueError):
+    """Base error of the search index (a missing, damaged or incompatible index)."""
+
+
+class IndexCompatibilityError(SearchIndexError):
+    """A checkpoint whose method or feature size does not match the index."""
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One image to index, with whatever metadata is already known."""
+
+    path: Path
+    relative_path: str
+    camera: str | None = None
+    timestamp: str | None = None
+    person_id: int | None = None
+
+
+@dataclass
+class BuildReport:
+    """What a build or an add did: counts and every skipped image with its reason."""
+
+    indexed: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from_batch: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"indexed": self.indexed, "skipped_count": len(self.skipped), **asdict(self)}
+
+
+# --------------------------------------------------------------------------- image sources
+def parse_timestamp(text: str | None) -> str | None:
+    """Normalise a timestamp to ISO 8601 (``YYYY-MM-DDTHH:MM:SS``) so strings compare in time order."""
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+    for candidate in (text, text.replace("_", "T")):
+        try:
+            return datetime.fromisoformat(candidate).replace(tzinfo=None).isoformat(timespec="seconds")
+        except ValueError:
+            pass
+    for fmt in ("%Y%m%dT%H%M%S", "%Y%m%d%H%M%S", "%Y%m%d-%H%M%S", "%Y%m%d_%H%M%S", "%Y%m%d"):
+        try:
+            return datetime.strptime(text, fmt).isoformat(timespec="seconds")
+        except ValueError:
+            pass
+    raise ValueError(f"cannot parse timestamp {text!r}; use ISO 8601 (2024-05-01T13:45:00) or YYYYMMDDTHHMMSS")
+
+
+def _metadata_from_pattern(relative_path: str, pattern: re.Pattern[str] | None) -> dict[str, str | None]:
+    if pattern is None:
+        return {}
+    match = pattern.search(relative_path)
+    if match is None:
+        return {}
+    groups = match.groupdict()
+    out: dict[str, str | None] = {}
+    if groups.get("camera"):
+        out["camera"] = groups["camera"]
+    if groups.get("timestamp"):
+        try:
+            out["timestamp"] = parse_timestamp(groups["timestamp"])
+        except ValueError:
+            out["timestamp"] = None
+    return out
+
+
+def read_sidecar_csv(path: str | os.PathLike) -> dict[str, dict[str, str | None]]:
+    """``path,camera,timestamp`` rows (path relative to the image folder) -> metadata by path."""
+    rows: dict[str, dict[str, str | None]] = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise ValueError(f"sidecar CSV {str(path)!r} needs a header with a 'path' column (and camera, timestamp)")
+        for line, row in enumerate(reader, start=2):
+            key = (row.get("path") or "").strip().replace(os.sep, "/")
+            if not key:
+                raise ValueError(f"sidecar CSV {str(path)!r} line {line}: empty path")
+            try:
+                timestamp = parse_timestamp(row.get("timestamp"))
+            except ValueError as error:
+                raise ValueError(f"sidecar CSV {str(path)!r} line {line}: {error}") from None
+            rows[key] = {"camera": (row.get("camera") or "").strip() or None, "timestamp": timestamp}
+    return rows
+
+
+def scan_folder(
+    folder: str | os.PathLike,
+    *,
+    pattern: str | None = None,
+    sidecar: str | os.PathLike | None = None,
+) -> list[ImageSource]:
+    """Every image file under ``folder`` (recursive, sorted), with camera / timestamp metadata.
+
+    ``pattern`` is a regular expression searched in the relative path whose named groups
+    ``camera`` and ``timestamp`` fill the metadata; ``sidecar`` is a CSV that overrides it.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    compiled = re.compile(pattern) if pattern else None
+    side = read_sidecar_csv(sidecar) if sidecar else {}
+    sources = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        relative = path.relative_to(root).as_posix()
+        meta = {**_metadata_from_pattern(relative, compiled), **{k: v for k, v in side.get(relative, {}).items() if v}}
+        sources.append(ImageSource(path.resolve(), relative, meta.get("camera"), meta.get("timestamp")))
+    return sources
+
+
+def dataset_sources(name: str, root: str | os.PathLike, split: str = "test") -> list[ImageSource]:
+    """The images of one split of a benchmark dataset (camera and person id from its annotation)."""
+    from tbps.data.readers import load_dataset
+
+    dataset = load_dataset(name, root)
+    return [
+        ImageSource(Path(r.image_path), r.relative_path or Path(r.image_path).name, r.camera, None, int(r.person_id))
+        for r in dataset.split(split)
+    ]
+
+
+# --------------------------------------------------------------------------- encoding
+class _IndexImages(Dataset):
+    """Decoded and transformed images; unreadable files come back as their error message."""
+
+    def __init__(self, sources: Sequence[ImageSource], transform: ImageTransform) -> None:
+        self.sources = sources
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, tuple[int, int], str | None]:
+        try:
+            image = load_image(self.sources[index].path)
+        except ImageLoadError as error:
+            return index, None, (0, 0), error.reason
+        return index, self.transform(image), image.size, None
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+def image_transform(method: PersonSearchMethod, image_size: Sequence[int]) -> ImageTransform:
+    """The evaluation transform the method was trained with."""
+    mean, std = method.image_mean_std
+    return ImageTransform((int(image_size[0]), int(image_size[1])), mean, std, train=False)
+
+
+@torch.no_grad()
+def encode_images(method: PersonSearchMethod, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Image batch -> numpy features: ``global`` L2-normalised float32, every other key float16."""
+    features = method.encode_image(images)
+    out: dict[str, np.ndarray] = {}
+    for key, value in features.items():
+        value = value.detach().float().cpu()
+        if key == "global":
+            out[key] = torch.nn.functional.normalize(value, dim=-1).numpy().astype(np.float32)
+        else:
+            out[key] = value.numpy().astype(np.float16)
+    return out
+
+
+def _progress_digest(checkpoint_hash: str, sources: Sequence[ImageSource], batch_size: int) -> str:
+    """Identifies a build so ``--resume`` only continues the same build."""
+    digest = hashlib.sha256(f"{checkpoint_hash}\n{batch_size}\n".encode())
+    for source in sources:
+        digest.update(f"{source.path}\t{source.camera}\t{source.timestamp}\t{source.person_id}\n".encode())
+    return digest.hexdigest()
+
+
+def _encode_into(
+    method: PersonSearchMethod,
+    transform: ImageTransform,
+    sources: Sequence[ImageSource],
+    work_dir: Path,
+    *,
+    digest: str,
+    batch_size: int,
+    num_workers: int,
+    resume: bool,
+    device: str,
+    on_batch: ProgressCallback | None,
+) -> int:
+    """Encode ``sources`` batch by batch into ``work_dir/batches``; returns the first batch run now."""
+    batch_dir = work_dir / "batches"
+    progress_path = work_dir / PROGRESS
+    done = 0
+    if resume and progress_path.is_file():
+        state = json.loads(progress_path.read_text())
+        if state.get("digest") != digest:
+            raise SearchIndexError(
+                f"cannot resume: the unfinished build in {str(work_dir)!r} used another checkpoint, image list "
+                "or batch size; run without --resume to start over"
+            )
+        done = int(state["completed_batches"])
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    batch_dir.mkdir(parents=True, exist_ok=True)
+    num_batches = math.ceil(len(sources) / batch_size)
+    start_batch = done
+    remaining = list(range(done * batch_size, len(sources)))
+    if remaining:
+        loader = DataLoader(
+            torch.utils.data.Subset(_IndexImages(sources, transform), remaining),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+        )
+        for batch_number, items in enumerate(loader, start=done):
+            good = [item for item in items if item[1] is not None]
+            payload: dict[str, np.ndarray] = {
+                "index": np.array([item[0] for item in good], dtype=np.int64),
+                "size": np.array([item[2] for item in good], dtype=np.int64).reshape(-1, 2),
+            }
+            if good:
+                images = torch.stack([item[1] for item in good]).to(device)
+                payload.update({f"feature:{k}": v for k, v in encode_images(method, images).items()})
+            skipped = [{"path": str(sources[i].path), "reason": reason} for i, _, _, reason in items if reason is not None]
+            with atomic_write(batch_dir / f"{batch_number:07d}.npz", "wb") as handle:
+                np.savez(handle, skipped=np.array(json.dumps(skipped)), **payload)
+            # The progress file is written after the batch file, so it never counts a missing batch.
+            with atomic_write(progress_path) as handle:
+                json.dump({"digest": digest, "completed_batches": batch_number + 1, "total_batches": num_batches}, handle)
+            if on_batch is not None:
+                on_batch(batch_number + 1, num_batches)
+    return start_batch
+
+
+def _gather_batches(work_dir: Path, sources: Sequence[ImageSource]) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], list[dict[str, str]]]:
+    """Concatenate the per-batch files: (features, metadata rows, skipped images)."""
+    chunks: dict[str, list[np.ndarray]] = {}
+    metadata: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    for path in sorted((work_dir / "batches").glob("*.npz")):
+        with np.load(path) as batch:
+            skipped.extend(json.loads(str(batch["skipped"])))
+            for key in batch.files:
+                if key.startswith("feature:"):
+                    chunks.setdefault(key.removeprefix("feature:"), []).append(batch[key])
+            for index, (width, height) in zip(batch["index"].tolist(), batch["size"].tolist()):
+                source = sources[index]
+                metadata.append(
+                    {
+                        "path": str(source.path),
+                        "relative_path": source.relative_path,
+                        "width": int(width),
+                        "height": int(height),
+                        "camera": source.camera,
+                        "timestamp": source.timestamp,
+                        "person_id": source.person_id,
+                    }
+                )
+    features = {key: np.concatenate(parts) for key, parts in chunks.items()}
+    return features, metadata, skipped
+
+
+# --------------------------------------------------------------------------- FAISS
+def choose_index_kind(count: int, kind: str = "auto") -> str:
+    """``auto``: exact below 100k images, HNSW up to 2M, IVF-PQ beyond (memory)."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    if count <= EXACT_LIMIT:
+        return "flat"
+    return "hnsw" if count <= HNSW_LIMIT else "ivfpq"
+
+
+def make_faiss_index(vectors: np.ndarray, kind: str) -> tuple[faiss.Index, dict[str, Any]]:
+    """A trained FAISS inner-product index holding ``vectors`` (rows already L2-normalised)."""
+    count, dim = vectors.shape
+    kind = choose_index_kind(count, kind)
+    params: dict[str, Any] = {"kind": kind}
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        params["ef_search"] = 128
+    elif kind in ("ivf", "ivfpq"):
+        # ~4 sqrt(n) lists, at least 39 training points per list as FAISS recommends.
+        nlist = max(1, min(int(4 * math.sqrt(count)), count // 39))
+        quantizer = faiss.IndexFlatIP(dim)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            sub = next(m for m in (32, 16, 8, 4, 2, 1) if dim % m == 0)
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, sub, 8, faiss.METRIC_INNER_PRODUCT)
+            params["pq_subquantizers"] = sub
+        rng = np.random.default_rng(0)
+        train = vectors if count <= 256 * nlist else vectors[rng.choice(count, 256 * nlist, replace=False)]
+        index.train(np.ascontiguousarray(train, dtype=np.float32))
+        params.update(nlist=nlist, nprobe=min(nlist, 32))
+    else:  # pragma: no cover - choose_index_kind rejects the rest
+        raise ValueError(kind)
+    if count:
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index, params
+
+
+# --------------------------------------------------------------------------- writing
+def _write_index_files(
+    out_dir: Path,
+    features: Mapping[str, np.ndarray],
+    metadata: list[dict[str, Any]],
+    index: faiss.Index,
+    manifest: dict[str, Any],
+) -> None:
+    """Write every file of an index into ``out_dir``, manifest (with checksums) last."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir / GLOBAL_INDEX, "wb") as handle:
+        handle.write(faiss.serialize_index(index).tobytes())
+    files = [GLOBAL_INDEX, GLOBAL_VECTORS, METADATA]
+    with atomic_write(out_dir / GLOBAL_VECTORS, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(features["global"], dtype=np.float32))
+    local_shapes = {}
+    for key, value in features.items():
+        if key == "global":
+            continue
+        name = f"local_{key}.npy"
+        with atomic_write(out_dir / name, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(value, dtype=np.float16))
+        files.append(name)
+        local_shapes[key] = list(value.shape[1:])
+    with atomic_write(out_dir / METADATA) as handle:
+        json.dump(metadata, handle)
+    manifest = {
+        **manifest,
+        "format_version": FORMAT_VERSION,
+        "image_count": len(metadata),
+        "feature_dim": int(features["global"].shape[1]),
+        "local_features": local_shapes,
+        "files": {name: sha256_file(out_dir / name) for name in files},
+    }
+    with atomic_write(out_dir / MANIFEST) as handle:
+        json.dump(manifest, handle, indent=2)
+
+
+def _checkpoint_info(checkpoint: str | os.PathLike) -> tuple[PersonSearchMethod, dict[str, Any], dict[str, Any]]:
+    from tbps.engine.checkpoint import load_method
+
+    method, config = load_method(checkpoint)
+    info = {
+        "method": config["method"],
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "image_size": [int(v) for v in config["data"]["image_size"]],
+    }
+    return method, config, info
+
+
+def _working_dir(out_dir: Path, suffix: str) -> Path:
+    return out_dir.parent / f".{out_dir.name}.{suffix}"
+
+
+def build_index(
+    checkpoint: str | os.PathLike,
+    sources: Sequence[ImageSource],
+    out_dir: str | os.PathLike,
+    *,
+    kind: str = "auto",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "cpu",
+    on_batch: ProgressCallback | None = None,
+) -> BuildReport:
+    """Embed ``sources`` with the checkpoint's method and write a complete index to ``out_dir``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{str(out_dir)!r} already exists; pass overwrite=True (--overwrite) to replace it")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not sources:
+        raise ValueError("no images to index")
+    started = time.perf_counter()
+    method, config, info = _checkpoint_info(checkpoint)
+    method.to(device)
+    work_dir = _working_dir(out_dir, "building")
+    digest = _progress_digest(info["checkpoint_sha256"], sources, batch_size)
+    transform = image_transform(method, info["image_size"])
+    first = _encode_into(method, transform, sources, work_dir, digest=digest, batch_size=batch_size,
+                         num_workers=num_workers, resume=resume, device=device, on_batch=on_batch)
+    features, metadata, skipped = _gather_batches(work_dir, sources)
+    if not metadata:
+        raise ValueError(f"none of the {len(sources)} images could be read (first: {skipped[0]['reason'] if skipped else '?'})")
+    index, faiss_params = make_faiss_index(features["global"], kind)
+    report = BuildReport(indexed=len(metadata), skipped=skipped, seconds=time.perf_counter() - started, resumed_from_batch=first)
+    now = datetime.now().astimezone().isoformat(timespec="seconds")
+    manifest = {**info, "config": config, "faiss": faiss_params, "created": now, "updated": now,
+                "build_report": report.to_dict()}
+    final_dir = _working_dir(out_dir, "final")
+    shutil.rmtree(final_dir, ignore_errors=True)
+    _write_index_files(final_dir, features, metadata, index, manifest)
+    _swap_into_place(final_dir, out_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return report
+
+
+def _swap_into_place(new_dir: Path, out_dir: Path) -> None:
+    """Rename a finished index over ``out_dir``; the old one is removed only after the rename."""
+    old_dir = _working_dir(out_dir, "old")
+    shutil.rmtree(old_dir, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old_dir)
+    os.replace(new_dir, out_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reading
+def read_manifest(index_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(index_dir) / MANIFEST
+    if not path.is_file():
+        raise SearchIndexError(f"{str(index_dir)!r} is not a tbps index (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SearchIndexError(f"{str(path)!r} is damaged: {error}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SearchIndexError(
+            f"index {str(index_dir)!r} has format version {manifest.get('format_version')!r}; "
+            f"this tbps reads version {FORMAT_VERSION}: rebuild it with `tbps index build`"
+        )
+    return manifest
+
+
+def check_compatible(manifest: Mapping[str, Any], method: PersonSearchMethod, method_name: str, checkpoint_hash: str | None = None, feature_dim: int | None = None) -> None:
+    """Refuse a checkpoint whose method, feature size or weights differ from the index's."""
+    if method_name != manifest["method"]:
+        raise IndexCompatibilityError(
+            f"the index was built with method {manifest['method']!r}, the checkpoint holds {method_name!r}; "
+            "queries would be embedded in another space: use the index's checkpoint or rebuild the index"
+        )
+    if feature_dim is not None and feature_dim != manifest["feature_dim"]:
+        raise IndexCompatibilityError(
+            f"the index holds {manifest['feature_dim']}-d features, the checkpoint produces {feature_dim}-d ones; "
+            "rebuild the index with this checkpoint"
+        )
+    if checkpoint_hash is not None and checkpoint_hash != manifest["checkpoint_sha256"]:
+        raise IndexCompatibilityError(
+            f"the checkpoint differs from the one the index was built with (sha256 {checkpoint_hash[:12]} vs "
+            f"{manifest['checkpoint_sha256'][:12]}): same method and size, but other weights give incomparable "
+            "embeddings; rebuild the index"
+        )
+
+
+def probe_feature_dim(method: PersonSearchMethod, image_size: Sequence[int]) -> int:
+    """Size of the method's global image feature, from one blank image."""
+    with torch.no_grad():
+        blank = torch.zeros(1, 3, int(image_size[0]), int(image_size[1]))
+        return int(method.encode_image(blank)["global"].shape[-1])
+
+
+@dataclass
+class GalleryIndex:
+    """An opened index: FAISS index, embeddings (memory-mapped), local features and metadata."""
+
+    path: Path
+    manifest: dict[str, Any]
+    faiss_index: faiss.Index
+    vectors: np.ndarray
+    local: dict[str, np.ndarray]
+    metadata: list[dict[str, Any]]
+
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike) -> "GalleryIndex":
+        path = Path(index_dir)
+        manifest = read_manifest(path)
+        try:
+            faiss_index = faiss.deserialize_index(np.fromfile(path / GLOBAL_INDEX, dtype=np.uint8))
+            vectors = np.load(path / GLOBAL_VECTORS, mmap_mode="r")
+            local = {key: np.load(path / f"local_{key}.npy", mmap_mode="r") for key in manifest["local_features"]}
+            metadata = json.loads((path / METADATA).read_text())
+        except (OSError, ValueError, RuntimeError) as error:
+            raise SearchIndexError(f"index {str(path)!r} is damaged or incomplete: {error}; run `tbps index verify`") from error
+        count = manifest["image_count"]
+        if faiss_index.ntotal != count or len(vectors) != count or len(metadata) != count:
+            raise SearchIndexError(
+                f"index {str(path)!r} is inconsistent: manifest {count} images, FAISS {faiss_index.ntotal}, "
+                f"vectors {len(vectors)}, metadata {len(metadata)}; rebuild it"
+            )
+        params = manifest.get("faiss", {})
+        if "nprobe" in params:
+            faiss.extract_index_ivf(faiss_index).nprobe = int(params["nprobe"])
+        if "ef_search" in params:
+            faiss_index.hnsw.efSearch = int(params["ef_search"])
+        return cls(path, manifest, faiss_index, vectors, local, metadata)
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    def image_features(self, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """Global and local features of some images as float32 tensors, in ``ids`` order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        features = {"global": torch.from_numpy(np.asarray(self.vectors[ids], dtype=np.float32))}
+        for key, values in self.local.items():
+            features[key] = torch.from_numpy(np.asarray(values[ids], dtype=np.float32))
+        return features
+
+
+def verify_index(index_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> list[str]:
+    """Check checksums, counts and (optionally) a checkpoint; returns the problems found (empty: OK)."""
+    path = Path(index_dir)
+    try:
+        manifest = read_manifest(path)
+    except SearchIndexError as error:
+        return [str(error)]
+    problems = []
+    for name, expected in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(file) != expected:
+            problems.append(f"{name}: checksum mismatch (modified or damaged)")
+    if problems:
+        return problems
+    try:
+        GalleryIndex.open(path)
+    except SearchIndexError as error:
+        problems.append(str(error))
+    if checkpoint is not None:
+        try:
+            method, config, info = _checkpoint_info(checkpoint)
+            dim = probe_feature_dim(method, info["image_size"])
+            check_compatible(manifest, method, info["method"], info["checkpoint_sha256"], dim)
+        except (IndexCompatibilityError, ValueError) as error:
+            problems.append(str(error))
+    elif not Path(manifest["checkpoint"]).is_file():
+        problems.append(f"the index's checkpoint {manifest['checkpoint']!r} is missing: pass --checkpoint to search")
+    return problems
+
+
+def add_images(
+    index_dir: str | os.PathLike,
+    sources: Sequence[ImageSource],
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "cpu",
+    on_batch: ProgressCallback | None = None,
+) -> BuildReport:
+    """Append images to an index without re-embedding the old ones (already indexed paths are skipped).
+
+    The updated index is written beside the old one and renamed into place, so a failed add
+    leaves the old index untouched.
+    """
+    started = time.perf_counter()
+    index_dir = Path(index_dir)
+    gallery = GalleryIndex.open(index_dir)
+    manifest = gallery.manifest
+    method, config, info = _checkpoint_info(checkpoint or manifest["checkpoint"])
+    check_compatible(manifest, method, info["method"], info["checkpoint_sha256"])
+    method.to(device)
+    known = {row["path"] for row in gallery.metadata}
+    new_sources = [source for source in sources if str(source.path) not in known]
+    report = BuildReport()
+    report.skipped.extend({"path": str(s.path), "reason": "already indexed"} for s in sources if str(s.path) in known)
+    if not new_sources:
+        report.seconds = time.perf_counter() - started
+        return report
+    work_dir = _working_dir(index_dir, "adding")
+    digest = _progress_digest(info["checkpoint_sha256"], new_sources, batch_size)
+    _encode_into(method, image_transform(method, info["image_size"]), new_sources, work_dir, digest=digest,
+                 batch_size=batch_size, num_workers=num_workers, resume=False, device=device, on_batch=on_batch)
+    features, metadata, skipped = _gather_batches(work_dir, new_sources)
+    report.skipped.extend(skipped)
+    report.indexed = len(metadata)
+    if metadata:
+        # FAISS appends to a trained index in place: the old vectors are never re-embedded.
+        faiss_index = gallery.faiss_index
+        faiss_index.add(np.ascontiguousarray(features["global"], dtype=np.float32))
+        merged = {"global": np.concatenate([np.asarray(gallery.vectors), features["global"]])}
+        for key, values in gallery.local.items():
+            merged[key] = np.concatenate([np.asarray(values), features[key]])
+        report.seconds = time.perf_counter() - started
+        updated = {**manifest, "updated": datetime.now().astimezone().isoformat(timespec="seconds"),
+                   "last_add_report": report.to_dict()}
+        final_dir = _working_dir(index_dir, "final")
+        shutil.rmtree(final_dir, ignore_errors=True)
+        rows = gallery.metadata + metadata
+        del gallery  # drop the memory maps before the files are replaced
+        _write_index_files(final_dir, merged, rows, faiss_index, updated)
+        _swap_into_place(final_dir, index_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def manifest_rows(index_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The metadata rows of an index, in id order."""
+    return json.loads((Path(index_dir) / METADATA).read_text())
+
+
+def index_summary(index_dir: str | os.PathLike) -> dict[str, Any]:
+    """What ``tbps index info`` prints: counts, method, FAISS settings, cameras, time range."""
+    manifest = read_manifest(index_dir)
+    rows = manifest_rows(index_dir)
+    cameras = sorted({row["camera"] for row in rows if row.get("camera")})
+    times = sorted(row["timestamp"] for row in rows if row.get("timestamp"))
+    size = sum(f.stat().st_size for f in Path(index_dir).iterdir() if f.is_file())
+    return {
+        "path": str(Path(index_dir).resolve()),
+        "method": manifest["method"],
+        "images": manifest["image_count"],
+        "feature_dim": manifest["feature_dim"],
+        "local_features": manifest["local_features"],
+        "faiss": manifest["faiss"],
+        "checkpoint": manifest["checkpoint"],
+        "checkpoint_sha256": manifest["checkpoint_sha256"],
+        "created": manifest["created"],
+        "updated": manifest["updated"],
+        "skipped_at_build": manifest["build_report"]["skipped_count"],
+        "cameras": cameras,
+        "time_range": [times[0], times[-1]] if times else None,
+        "bytes_on_disk": size,
+    }
+

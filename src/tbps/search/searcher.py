@@ -1,0 +1,365 @@
+"""Query an index: text or image in, ranked hits out, with optional re-ranking and explanations.
+
+Scoring follows the evaluator's shared route: FAISS top-n by global cosine (stage 1), then the
+method's ``score_candidates`` on those candidates through :func:`two_stage_similarity`, then
+optionally :func:`rvn_rerank` among the candidates.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from tbps.data.records import load_image
+from tbps.evaluation.evaluator import RERANK_MODES
+from tbps.evaluation.rerank import rvn_rerank, two_stage_similarity
+from tbps.models.base import PersonSearchMethod
+from tbps.search.index import (
+    GalleryIndex,
+    check_compatible,
+    image_transform,
+    parse_timestamp,
+    probe_feature_dim,
+)
+from tbps.utils import sha256_file
+
+MAX_K = 1000
+# Candidates re-scored by two-stage / RVN: enough to recover from stage-1 mistakes, few enough
+# that fine scoring stays in the milliseconds.
+DEFAULT_CANDIDATES = 100
+# Filtered queries scan the allowed subset exactly when it is this small (exact and cheap);
+# larger subsets go through FAISS with an ID selector.
+EXACT_FILTER_LIMIT = 200_000
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked result."""
+
+    id: int
+    rank: int
+    score: float
+    path: str
+    metadata: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "rank": self.rank, "score": self.score, "path": self.path, **self.metadata}
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Restrict results to some cameras and / or a time window (ISO 8601, inclusive)."""
+
+    cameras: frozenset[str] | None = None
+    time_from: str | None = None
+    time_to: str | None = None
+
+    @classmethod
+    def from_value(cls, value: "SearchFilters | Mapping[str, Any] | None") -> "SearchFilters":
+        """Accept ``{"camera": "c1" | [...], "time_from": ..., "time_to": ...}`` or an instance."""
+        if value is None or isinstance(value, SearchFilters):
+            return value or cls()
+        unknown = set(value) - {"camera", "cameras", "time_from", "time_to"}
+        if unknown:
+            raise ValueError(f"unknown filter(s) {sorted(unknown)}; use camera, time_from, time_to")
+        cameras = value.get("camera", value.get("cameras"))
+        if isinstance(cameras, str):
+            cameras = [cameras]
+        return cls(
+            cameras=frozenset(str(c) for c in cameras) if cameras else None,
+            time_from=parse_timestamp(value.get("time_from")),
+            time_to=parse_timestamp(value.get("time_to")),
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.cameras) or self.time_from is not None or self.time_to is not None
+
+    def allows(self, row: Mapping[str, Any]) -> bool:
+        if self.cameras and row.get("camera") not in self.cameras:
+            return False
+        if self.time_from is not None or self.time_to is not None:
+            stamp = row.get("timestamp")
+            if stamp is None:
+                return False
+            if self.time_from is not None and stamp < self.time_from:
+                return False
+            if self.time_to is not None and stamp > self.time_to:
+                return False
+        return True
+
+
+@dataclass
+class Explanation:
+    """Per-phrase region relevance maps for one hit, and the rendered heatmap PNG."""
+
+    phrases: list[str]
+    maps: np.ndarray  # [phrases x grid_h x grid_w], each scaled to [0, 1]
+    drops: np.ndarray  # raw similarity drops, same shape
+    png: bytes = field(repr=False)
+
+
+class Searcher:
+    """Searches one index with the checkpoint it was built from (or a compatible one)."""
+
+    def __init__(self, index: GalleryIndex, method: PersonSearchMethod, config: Mapping[str, Any]) -> None:
+        self.index = index
+        self.method = method
+        self.config = config
+        self.image_size = tuple(int(v) for v in config["data"]["image_size"])
+        self.transform = image_transform(method, self.image_size)
+        self.text_processor = method.build_text_processor()
+        self._phrases = None
+        self._phrase_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *, strict: bool = True) -> "Searcher":
+        """Open an index with its own checkpoint, or ``checkpoint`` after checking it is compatible.
+
+        ``strict=False`` accepts a checkpoint of the same method and feature size whose weights
+        differ (e.g. a later epoch of the same run), which is otherwise refused.
+        """
+        from tbps.engine.checkpoint import load_method
+
+        index = GalleryIndex.open(index_dir)
+        manifest = index.manifest
+        path = Path(checkpoint) if checkpoint is not None else Path(manifest["checkpoint"])
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} not found; pass the checkpoint the index was built with")
+        method, config = load_method(path)
+        dim = probe_feature_dim(method, config["data"]["image_size"])
+        check_compatible(manifest, method, config["method"], sha256_file(path) if strict else None, dim)
+        return cls(index, method, config)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # ------------------------------------------------------------------ encoding
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.method.encode_text(self.text_processor(list(texts)))
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        return self.method.encode_image(self.transform(image.convert("RGB")).unsqueeze(0))
+
+    # ------------------------------------------------------------------ stage 1
+    def _allowed_ids(self, filters: SearchFilters) -> np.ndarray | None:
+        if not filters.active:
+            return None
+        return np.array([i for i, row in enumerate(self.index.metadata) if filters.allows(row)], dtype=np.int64)
+
+    def _stage_one(self, query: np.ndarray, count: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``count`` (ids, cosine scores) for one normalised query vector [D]."""
+        query = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
+        if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
+            if len(allowed) == 0:
+                return np.zeros(0, np.int64), np.zeros(0, np.float32)
+            scores = np.asarray(self.index.vectors[allowed], dtype=np.float32) @ query[0]
+            # Stable descending order: ties keep gallery order, as everywhere else in tbps.
+            order = np.argsort(-scores, kind="stable")[:count]
+            return allowed[order], scores[order]
+        params = None
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(allowed)
+            params = faiss.SearchParameters(sel=selector)
+            ivf = _ivf_of(self.index.faiss_index)
+            if ivf is not None:
+                params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+            elif hasattr(self.index.faiss_index, "hnsw"):
+                params = faiss.SearchParametersHNSW(sel=selector, efSearch=self.index.faiss_index.hnsw.efSearch)
+        scores, ids = self.index.faiss_index.search(query, min(count, len(self.index)), params=params)
+        keep = ids[0] >= 0  # FAISS pads with -1 when fewer results exist
+        return ids[0][keep].astype(np.int64), scores[0][keep]
+
+    # ------------------------------------------------------------------ search
+    def search(
+        self,
+        text: str,
+        k: int = 10,
+        *,
+        filters: SearchFilters | Mapping[str, Any] | None = None,
+        rerank: str = "none",
+        candidates: int = DEFAULT_CANDIDATES,
+        rvn_neighbours: int = 10,
+    ) -> list[Hit]:
+        """The ``k`` best images for a description, best first."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("the query text is empty")
+        _check_k(k)
+        if rerank not in RERANK_MODES:
+            raise ValueError(f"rerank must be one of {RERANK_MODES}, got {rerank!r}")
+        text_features = self.encode_text([text.strip()])
+        query = F.normalize(text_features["global"].float(), dim=-1)[0].numpy()
+        allowed = self._allowed_ids(SearchFilters.from_value(filters))
+        pool = k if rerank == "none" else max(k, candidates)
+        ids, scores = self._stage_one(query, pool, allowed)
+        if rerank != "none" and len(ids):
+            ids, scores = self._rerank(text_features, ids, scores, rerank, rvn_neighbours)
+        return self._hits(ids[:k], scores[:k])
+
+    def rescore_candidates(self, text_features: Mapping[str, torch.Tensor], ids: np.ndarray, coarse: np.ndarray, rerank: str, rvn_neighbours: int = 10) -> np.ndarray:
+        """Scores [n] of the candidates ``ids`` (stage-1 order) after two-stage and / or RVN."""
+        image_features = self.index.image_features(ids)
+        similarity = torch.from_numpy(np.asarray(coarse, dtype=np.float32)).reshape(1, -1)
+        if rerank.startswith("two-stage"):
+
+            def fine_scorer(query_indices: torch.Tensor, candidate_positions: torch.Tensor) -> torch.Tensor:
+                return self.method.score_candidates(text_features, image_features, candidate_positions)
+
+            with torch.no_grad():
+                similarity = two_stage_similarity(similarity, fine_scorer, top_k=len(ids))
+        if rerank.endswith("rvn"):
+            # Image-image neighbours among the candidates only: exact RVN over a million images
+            # would need the full image-image graph; the candidates hold every image that can rank.
+            vectors = image_features["global"]
+            similarity = rvn_rerank(similarity, vectors @ vectors.t(), neighbours=min(rvn_neighbours, len(ids)))
+        return similarity[0].float().numpy()
+
+    def _rerank(self, text_features: Mapping[str, torch.Tensor], ids: np.ndarray, coarse: np.ndarray, rerank: str, rvn_neighbours: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.rescore_candidates(text_features, ids, coarse, rerank, rvn_neighbours)
+        order = np.argsort(-scores, kind="stable")
+        return ids[order], scores[order]
+
+    def search_by_image(self, image: str | os.PathLike | Image.Image, k: int = 10, *, filters: SearchFilters | Mapping[str, Any] | None = None) -> list[Hit]:
+        """"More like this person": nearest images to a picture by the same image encoder."""
+        _check_k(k)
+        picture = image if isinstance(image, Image.Image) else load_image(image)
+        vector = F.normalize(self.encode_image(picture)["global"].float(), dim=-1)[0].numpy()
+        return self.search_by_vector(vector, k, filters=filters)
+
+    def search_by_id(self, image_id: int, k: int = 10, *, filters: SearchFilters | Mapping[str, Any] | None = None) -> list[Hit]:
+        """Nearest images to an indexed image, from its stored embedding (no re-encoding)."""
+        _check_k(k)
+        self._check_id(image_id)
+        return self.search_by_vector(np.asarray(self.index.vectors[image_id], dtype=np.float32), k, filters=filters)
+
+    def search_by_vector(self, vector: np.ndarray, k: int, *, filters: SearchFilters | Mapping[str, Any] | None = None) -> list[Hit]:
+        ids, scores = self._stage_one(vector, k, self._allowed_ids(SearchFilters.from_value(filters)))
+        return self._hits(ids, scores)
+
+    def _hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        hits = []
+        for rank, (image_id, score) in enumerate(zip(ids.tolist(), scores.tolist()), start=1):
+            row = self.index.metadata[image_id]
+            meta = {key: value for key, value in row.items() if key != "path"}
+            hits.append(Hit(int(image_id), rank, float(score), row["path"], meta))
+        return hits
+
+    def _check_id(self, image_id: int) -> None:
+        if not 0 <= int(image_id) < len(self.index):
+            raise KeyError(f"no image with id {image_id} (the index holds ids 0..{len(self.index) - 1})")
+
+    # ------------------------------------------------------------------ explanations
+    def phrases(self, text: str, max_phrases: int = 5) -> list[str]:
+        """The query's noun phrases (the whole query when none are found)."""
+        from tbps.text.phrases import NounPhraseExtractor
+
+        with self._phrase_lock:  # the parser is loaded once and is not thread-safe
+            if self._phrases is None:
+                self._phrases = NounPhraseExtractor()
+            found = self._phrases.extract(text, max_phrases=max_phrases)
+        return found or [text.strip()]
+
+    @torch.no_grad()
+    def explain(self, hit: Hit | int, text: str, *, grid: tuple[int, int] = (8, 4), max_phrases: int = 5) -> Explanation:
+        """Which image regions match which phrases of ``text``, as a heatmap PNG.
+
+        Generic occlusion method, valid for every method through the interface: hide one
+        patch at a time (set to the normalised mean, i.e. 0) and measure how much the cosine
+        between each phrase and the image drops. Patches are two grid cells wide with a
+        one-cell stride, so neighbouring cells share evidence and the map is smooth.
+        """
+        if not text.strip():
+            raise ValueError("the query text is empty")
+        image_id = hit.id if isinstance(hit, Hit) else int(hit)
+        self._check_id(image_id)
+        picture = load_image(self.index.metadata[image_id]["path"])
+        phrases = self.phrases(text, max_phrases)
+        labels = [text.strip()] + [p for p in phrases if p != text.strip()]
+        image = self.transform(picture)  # [3, H, W]
+        rows, cols = grid
+        height, width = image.shape[-2:]
+        cell_h, cell_w = height / rows, width / cols
+        windows = [(r, c) for r in range(rows) for c in range(cols)]
+        occluded = image.unsqueeze(0).repeat(len(windows) + 1, 1, 1, 1)
+        for n, (r, c) in enumerate(windows, start=1):
+            top, left = int(round((r - 0.5) * cell_h)), int(round((c - 0.5) * cell_w))
+            bottom, right = int(round((r + 1.5) * cell_h)), int(round((c + 1.5) * cell_w))
+            occluded[n, :, max(0, top) : bottom, max(0, left) : right] = 0.0
+        image_vectors = F.normalize(self.method.encode_image(occluded)["global"].float(), dim=-1)
+        text_vectors = F.normalize(self.encode_text(labels)["global"].float(), dim=-1)
+        similarity = text_vectors @ image_vectors.t()  # [labels x (1 + windows)]
+        drops = (similarity[:, :1] - similarity[:, 1:]).reshape(len(labels), rows, cols).numpy()
+        positive = np.clip(drops, 0.0, None)
+        scale = positive.reshape(len(labels), -1).max(axis=1).reshape(-1, 1, 1)
+        maps = np.divide(positive, scale, out=np.zeros_like(positive), where=scale > 0)
+        png = render_heatmaps(picture, labels, maps, similarity[:, 0].tolist())
+        return Explanation(labels, maps, drops, png)
+
+
+def _ivf_of(index: faiss.Index) -> Any | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _check_k(k: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """Map [0, 1] to RGB from dark blue through yellow to red (a perceptually ordered ramp)."""
+    stops = np.array([[20, 30, 120], [40, 120, 200], [120, 200, 120], [250, 220, 60], [220, 40, 30]], dtype=np.float32)
+    position = np.clip(values, 0.0, 1.0) * (len(stops) - 1)
+    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    fraction = (position - low)[..., None]
+    return (stops[low] * (1 - fraction) + stops[low + 1] * fraction).astype(np.uint8)
+
+
+def render_heatmaps(picture: Image.Image, labels: Sequence[str], maps: np.ndarray, scores: Sequence[float], height: int = 256) -> bytes:
+    """One panel per phrase: the image with its relevance map blended on top, phrase underneath."""
+    width = max(1, round(picture.width * height / picture.height))
+    base = picture.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    caption_height, pad = 46, 6
+    panel_width = max(width, 120)
+    sheet = Image.new("RGB", (pad + len(labels) * (panel_width + pad), height + caption_height + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for n, (label, relevance, score) in enumerate(zip(labels, maps, scores)):
+        heat = Image.fromarray((relevance * 255).astype(np.uint8), "L").resize((width, height), Image.Resampling.BICUBIC)
+        level = np.asarray(heat, dtype=np.float32) / 255.0
+        coloured = Image.fromarray(_colormap(level), "RGB")
+        # Opacity follows relevance, so regions that do not matter keep the photo visible.
+        alpha = Image.fromarray((255 * (0.1 + 0.6 * level)).astype(np.uint8), "L")
+        panel = Image.composite(coloured, base, alpha)
+        x = pad + n * (panel_width + pad)
+        sheet.paste(panel, (x + (panel_width - width) // 2, pad))
+        words, lines, line = label.split(), [], ""
+        for word in words:  # wrap the phrase to the panel width
+            trial = f"{line} {word}".strip()
+            if draw.textlength(trial, font=font) > panel_width and line:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+        title = ("query: " if n == 0 else "") + f"cos {score:.2f}"
+        draw.text((x, height + pad + 2), title, fill=(90, 90, 90), font=font)
+        for i, text_line in enumerate(lines[:2]):
+            draw.text((x, height + pad + 15 + 12 * i), text_line, fill=(0, 0, 0), font=font)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()

@@ -26,6 +26,13 @@ fi
 case "$task" in
     setup) echo "ready: $VENV/bin/tbps" ;;
     demo) exec "$VENV/bin/tbps" demo "$@" ;;
-    test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    test)
+        # The browser test drives Debian's chromium (through the playwright package, which never
+        # downloads a browser of its own).
+        if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "installing chromium for the browser test"
+            apt-get update -qq && apt-get install -y -qq chromium
+        fi
+        exec "$VENV/bin/python" -m pytest -q "$@" ;;
     *) echo "usage: bash scripts/bootstrap.sh demo|test|setup [args]" >&2; exit 2 ;;
 esac

@@ -47,3 +47,25 @@ def _tiny_config(data_root: Path, out_dir: Path, *extra: str):
             *extra,
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def search_checkpoint(tiny_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny baseline trained once per session for the search tests."""
+    from search_fixtures import train_search_checkpoint
+
+    return train_search_checkpoint(tiny_synthetic, tmp_path_factory.mktemp("search-runs"), _tiny_config)
+
+
+@pytest.fixture(scope="session")
+def search_index(tiny_synthetic: Path, search_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index of the whole synthetic gallery with camera / time metadata; tests must not modify it."""
+    from search_fixtures import write_sidecar
+
+    from tbps.search.index import build_index, scan_folder
+
+    work = tmp_path_factory.mktemp("search-index")
+    sidecar = write_sidecar(tiny_synthetic, work / "sidecar.csv")
+    sources = scan_folder(tiny_synthetic / "imgs", sidecar=sidecar)
+    build_index(search_checkpoint, sources, work / "index", batch_size=32)
+    return work / "index"

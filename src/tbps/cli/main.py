@@ -13,9 +13,13 @@ from rich.console import Console
 from rich.table import Table
 
 from tbps.cli.data import app as data_app
+from tbps.cli.search import index_app, search_command, serve_command
 
 app = typer.Typer(help="tbps: text-based person search — train, evaluate and search galleries by description.", no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data")
+app.add_typer(index_app, name="index")
+app.command("search")(search_command)
+app.command("serve")(serve_command)
 console = Console()
 err_console = Console(stderr=True)
 

@@ -1,0 +1,140 @@
+"""Method registry, backbones (shapes, offline weight errors, freezing) and configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tbps.config import load_config, save_config
+from tbps.models import create_method, list_methods
+from tbps.models.backbones import BackboneWeightsError, create_image_backbone, create_text_backbone
+
+
+def test_registry_lists_and_builds_methods():
+    methods = list_methods()
+    assert "baseline" in methods and methods["baseline"]
+    with pytest.raises(ValueError, match="registered methods: .*baseline"):
+        create_method("no-such-method", {}, num_classes=3)
+
+
+def test_methods_command_prints_descriptions():
+    from tbps.cli.main import app
+
+    result = CliRunner().invoke(app, ["methods"])
+    assert result.exit_code == 0
+    assert "baseline" in result.output and "CMPM" in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "stages", "last_channels"),
+    [("efficientnet_lite0", (64, 32), 5, 1280), ("resnet50", (64, 32), 4, 2048), ("swin_t", (224, 224), 4, 768), ("vit_b_16", (64, 32), 1, 768)],
+)
+def test_image_backbones_return_stage_maps(name, size, stages, last_channels):
+    backbone = create_image_backbone({"name": name, "pretrained": name == "efficientnet_lite0"}, image_size=size)
+    output = backbone(torch.randn(1, 3, *size))
+    assert len(output.feature_maps) == stages
+    assert output.feature_maps[-1].shape[1] == last_channels == backbone.out_channels
+    assert (output.cls_token is not None) == (name == "vit_b_16")
+
+
+def test_resnet_last_stride_one_keeps_resolution():
+    backbone = create_image_backbone({"name": "resnet50", "pretrained": False, "last_stride": 1})
+    maps = backbone(torch.randn(1, 3, 128, 64)).feature_maps
+    assert maps[-1].shape[-2:] == maps[-2].shape[-2:] == (8, 4)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "swin_t", "vit_b_16"])
+def test_missing_pretrained_weights_name_the_option(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(BackboneWeightsError, match="model.image_backbone.weights="):
+        create_image_backbone({"name": name, "pretrained": True})
+
+
+def test_image_weights_from_a_local_file(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet50(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r50.pth")
+    loaded = create_image_backbone({"name": "resnet50", "weights": str(tmp_path / "r50.pth")})
+    torch.testing.assert_close(loaded.stem[0].weight, reference.conv1.weight)
+    torch.save({"unrelated": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(BackboneWeightsError, match="does not fit"):
+        create_image_backbone({"name": "resnet50", "weights": str(tmp_path / "bad.pth")})
+
+
+def test_missing_text_model_names_the_option(tmp_path):
+    with pytest.raises(BackboneWeightsError, match="model.text_backbone.weights="):
+        create_text_backbone({"name": "bert-base-uncased"})
+    with pytest.raises(BackboneWeightsError, match="does not exist"):
+        create_text_backbone({"name": "bert-base-uncased", "weights": str(tmp_path / "nowhere")})
+
+
+def test_freezing_stops_gradients_and_keeps_batchnorm_statistics():
+    backbone = create_image_backbone({"name": "efficientnet_lite0", "freeze_stages": 2})
+    backbone.train()
+    frozen, trainable = backbone.stage_modules()[:2], backbone.stage_modules()[2:]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for m in trainable for p in m.parameters())
+    assert all(not m.training for stage in frozen for child in stage for m in child.modules())
+    before = [b.running_mean.clone() for stage in frozen for b in stage.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    backbone(torch.randn(2, 3, 64, 32)).feature_maps[-1].sum().backward()
+    after = [b.running_mean for stage in frozen for b in stage.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="freeze_stages"):
+        create_image_backbone({"name": "efficientnet_lite0", "pretrained": False, "freeze_stages": 9})
+
+    text = create_text_backbone({"name": "minilm", "freeze_layers": 3})
+    layers = text.model.encoder.layer
+    assert not any(p.requires_grad for p in text.model.embeddings.parameters())
+    assert not any(p.requires_grad for layer in layers[:3] for p in layer.parameters())
+    assert all(p.requires_grad for layer in layers[3:] for p in layer.parameters())
+
+
+def test_bilstm_vocabulary_travels_in_the_state_dict():
+    config = {"name": "bilstm", "embedding_dim": 8, "hidden_size": 6, "min_count": 1}
+    trained = create_text_backbone(config)
+    trained.fit(["a man in a red coat", "a woman with a black bag"])
+    processor = trained.build_processor(12)
+    batch = processor(["a red bag"])
+    rebuilt = create_text_backbone(config)
+    rebuilt.load_state_dict(trained.state_dict())
+    assert len(rebuilt.vocabulary) == len(trained.vocabulary)
+    torch.testing.assert_close(rebuilt(batch).sentence, trained(batch).sentence)
+    assert rebuilt(batch).tokens.shape == (1, 12, 6)
+
+
+def test_baseline_encodes_and_returns_named_losses():
+    config = load_config("baseline/synthetic", ["model.embed_dim=16", "model.text_backbone.name=bilstm", "model.text_backbone.min_count=1"])
+    method = create_method("baseline", config.model, num_classes=3, image_size=(64, 32))
+    method.fit_text(["a man in a red coat", "a woman in a blue dress"])
+    text = method.build_text_processor()(["a man in a red coat", "a woman in a blue dress", "a red dress"])
+    batch = {"images": torch.randn(3, 3, 64, 32), "text": text, "labels": torch.tensor([0, 1, 2])}
+    losses = method(batch)
+    assert set(losses) == {"cmpm", "cmpc"}
+    sum(losses.values()).backward()
+    assert method.image_projection[1].weight.grad is not None
+    method.eval()
+    with torch.no_grad():
+        images, texts = method.encode_image(batch["images"]), method.encode_text(text)
+        similarity = method.similarity(texts, images)
+        assert similarity.shape == (3, 3) and similarity.abs().max() <= 1 + 1e-5
+        candidates = torch.tensor([[2, 0], [1, 2], [0, 1]])
+        torch.testing.assert_close(method.score_candidates(texts, images, candidates), similarity.gather(1, candidates))
+
+
+def test_config_overrides_and_round_trip(tmp_path):
+    config = load_config("baseline/synthetic", ["optim.lr=0.5", "data.image_size=[32,16]"])
+    assert config.optim.lr == 0.5 and list(config.data.image_size) == [32, 16]
+    assert config.trainer.precision == "32-true"  # a default filled in from DEFAULTS
+    path = save_config(config, tmp_path / "config.yaml")
+    assert load_config(path).optim.lr == 0.5
+    with pytest.raises(FileNotFoundError, match="baseline/synthetic"):
+        load_config("nope/nothing")
+    with pytest.raises(ValueError, match="key=value"):
+        load_config("baseline/synthetic", ["optim.lr"])

@@ -1,0 +1,526 @@
+"""NAFS (Gao et al. 2021): staircase network, locality-constrained BERT, contextual non-local
+attention (eqs. 2-5), CSAL + CMPM + CMPC (eq. 7), similarity / two-stage scoring, ablations.
+
+Tiny randomly initialised models (EfficientNet-Lite0 / ResNet-50 with ``pretrained: false``,
+the bundled MiniLM's architecture cut to two layers), 64x32 images, data made here.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tbps.losses import CMPCLoss, cmpm_loss, similarity_kl_alignment
+from tbps.models.attention import (
+    ContextualNonLocalAttention,
+    candidate_non_local_similarity,
+    chunked_non_local_similarity,
+    focal_filter,
+    non_local_similarity,
+)
+from tbps.models.backbones import create_image_backbone
+from tbps.models.registry import create_method, list_methods
+
+CAPTIONS = [
+    "a man in a red shirt, blue jeans and black shoes.",
+    "a woman wearing a white dress",
+    "he carries a bag, wears glasses, and has short hair",
+    "girl, skirt",
+]
+LABELS = torch.tensor([0, 1, 0, 2])
+IMAGE_SIZE = (64, 32)
+
+
+def tiny_config(**overrides):
+    config = {
+        "embed_dim": 32,
+        "max_text_length": 24,
+        "max_sub_sentences": 4,
+        "image_backbone": {"name": "efficientnet_lite0", "pretrained": False},
+        "text_backbone": {"name": "minilm", "pretrained": False},
+        "attention": {"lambda_image": 10.0, "lambda_text": 10.0},
+    }
+    config.update(overrides)
+    return config
+
+
+def build(num_classes: int = 3, **overrides):
+    torch.manual_seed(0)
+    method = create_method("nafs", tiny_config(**overrides), num_classes=num_classes, image_size=IMAGE_SIZE)
+    backbone = method.text_backbone.backbone
+    if hasattr(backbone, "model"):
+        # Two transformer layers are enough to exercise every code path and keep tests fast.
+        backbone.model.encoder.layer = backbone.model.encoder.layer[:2]
+    return method
+
+
+def make_batch(method, captions=CAPTIONS, labels=LABELS):
+    torch.manual_seed(1)
+    processor = method.build_text_processor()
+    return {
+        "images": torch.randn(len(captions), 3, *IMAGE_SIZE),
+        "text": processor(captions),
+        "captions": list(captions),
+        "labels": labels,
+        "person_ids": labels + 100,
+    }
+
+
+@pytest.fixture(scope="module")
+def nafs():
+    return build()
+
+
+@pytest.fixture(scope="module")
+def batch(nafs):
+    return make_batch(nafs)
+
+
+# ------------------------------------------------------------------------------ registry, configs
+
+
+def test_registry_lists_nafs():
+    assert "nafs" in list_methods()
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "cuhk-pedes", "icfg-pedes", "rstpreid"])
+def test_configs_load_with_paper_hyper_parameters(dataset):
+    from tbps.config import load_config
+
+    config = load_config(f"nafs/{dataset}")
+    assert config.method == "nafs"
+    model = config.model
+    assert (model.losses.cmpm, model.losses.cmpc, model.losses.csal) == (1.0, 1.0, 0.1)  # eq. 7
+    assert (model.region_stripes, model.patch_stripes) == (2, 3)
+    if dataset != "synthetic":
+        assert list(config.data.image_size) == [384, 128] and config.data.batch_size == 64
+        assert model.image_backbone.name == "resnet50" and model.image_backbone.last_stride == 1
+        assert model.embed_dim == 768 and config.optim.optimizer == "adam"
+        assert config.optim.lr == pytest.approx(1.1e-3)
+        assert config.optim.lr * config.optim.backbone_lr_mult == pytest.approx(1.1e-4)
+    else:
+        assert model.image_backbone.name == "efficientnet_lite0" and model.text_backbone.name == "minilm"
+
+
+# ------------------------------------------------------------------------------ text side
+
+
+def test_text_processor_layout_and_picklable(nafs):
+    processor = nafs.build_text_processor()
+    processor = pickle.loads(pickle.dumps(processor))
+    text = processor(CAPTIONS)
+    size, length, slots = len(CAPTIONS), 24, 4
+    assert text["input_ids"].shape == (size, length)
+    assert text["token_spans"].shape == (size, slots, 2)
+    assert text["sub_input_ids"].shape == (size, length + slots)
+    # Caption 0 has one comma -> 2 sub-sentences; a caption without commas is one sub-sentence.
+    assert text["num_sub_sentences"].tolist() == [2, 1, 3, 2]
+    # Word tokens exclude [CLS] and [SEP].
+    assert text["word_mask"][1].sum() == text["attention_mask"][1].sum() - 2
+    tokenizer = nafs.text_backbone.backbone.build_processor(24)
+    for row in range(size):
+        for sub in range(int(text["num_sub_sentences"][row])):
+            start, end = text["token_spans"][row, sub].tolist()
+            slot = int(text["sub_cls_index"][row, sub])
+            assert text["sub_input_ids"][row, slot] == tokenizer.cls_id
+            copy = text["sub_input_ids"][row, slot + 1 : slot + 1 + end - start]
+            assert torch.equal(copy, text["input_ids"][row, start:end])
+            assert text["sub_position_ids"][row, slot + 1 : slot + 1 + end - start].tolist() == list(range(start, end))
+            assert (text["sub_groups"][row, slot : slot + 1 + end - start] == sub).all()
+
+
+def test_text_processor_truncation_drops_cut_sub_sentences(nafs):
+    processor = nafs.build_text_processor()
+    long_caption = ", ".join(["a red hat"] * 20)  # 5 sub-sentences fit in 24 tokens
+    text = processor([long_caption, "no commas here"])
+    assert text["input_ids"].shape[1] == 24
+    assert int(text["num_sub_sentences"][0]) == 4  # capped at max_sub_sentences
+    assert int(text["token_spans"][0, :, 1].max()) <= 23
+    assert int(text["num_sub_sentences"][1]) == 1
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_locality_mask_blocks_attention_across_sub_sentences(nafs, implementation):
+    """Changing the tokens of sub-sentence 2 leaves sub-sentence 1's [CLS] unchanged (eq. 1)."""
+    encoder = nafs.text_backbone
+    model = encoder.backbone.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(implementation)
+    try:
+        encoder.eval()
+        processor = nafs.build_text_processor()
+        text = processor(["a man in a red shirt, blue jeans and black shoes", "a man in a red shirt, a green hat"])
+        with torch.no_grad():
+            scales = encoder(text)
+        assert scales.sub_sentences.shape == (2, 4, encoder.hidden_size)
+        assert torch.allclose(scales.sub_sentences[0, 0], scales.sub_sentences[1, 0], atol=1e-5)
+        assert not torch.allclose(scales.sub_sentences[0, 1], scales.sub_sentences[1, 1], atol=1e-3)
+        # The sentence [CLS] sees the whole caption, so it does change.
+        assert not torch.allclose(scales.sentence[0], scales.sentence[1], atol=1e-3)
+        assert scales.sub_mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+        assert (scales.sub_sentences[:, 2:] == 0).all()
+    finally:
+        model.set_attn_implementation(previous)
+        encoder.train()
+
+
+def test_sub_sentence_cls_equals_isolated_sub_sentence(nafs):
+    """The packed row gives the [CLS] BERT computes on the sub-sentence alone (same positions)."""
+    encoder = nafs.text_backbone.eval()
+    processor = nafs.build_text_processor()
+    text = processor(["a man in a red shirt, blue jeans"])
+    with torch.no_grad():
+        packed = encoder(text).sub_sentences[0, 1]
+        start, end = text["token_spans"][0, 1].tolist()
+        ids = torch.cat([torch.tensor([processor.cls_id]), text["input_ids"][0, start:end]]).unsqueeze(0)
+        positions = torch.cat([torch.tensor([start - 1]), torch.arange(start, end)]).unsqueeze(0)
+        alone = encoder.backbone.model(input_ids=ids, position_ids=positions, token_type_ids=torch.zeros_like(ids))
+    encoder.train()
+    assert torch.allclose(packed, alone.last_hidden_state[0, 0], atol=1e-5)
+
+
+def test_text_features_shapes(nafs, batch):
+    nafs.eval()
+    with torch.no_grad():
+        features = nafs.encode_text(batch["text"])
+    nafs.train()
+    # n = sentence + S sub-sentence slots + L word slots
+    assert features["global"].shape == (4, 32)
+    assert features["local"].shape == (4, 1 + 4 + 24, 32)
+    assert features["local_mask"].shape == (4, 1 + 4 + 24)
+    expected = 1 + batch["text"]["num_sub_sentences"] + batch["text"]["word_mask"].sum(1)
+    assert torch.equal(features["local_mask"].sum(1).long(), expected)
+
+
+# ------------------------------------------------------------------------------ image side
+
+
+def test_split_and_shuffle_is_a_permutation_of_stripes():
+    from tbps.methods.nafs import split_and_shuffle
+
+    torch.manual_seed(0)
+    height = 10  # uneven stripes for 3: rows [0-3], [4-6], [7-9]
+    feature_map = torch.arange(height, dtype=torch.float32).view(1, 1, height, 1).expand(6, 2, height, 3).contiguous()
+    shuffled = split_and_shuffle(feature_map, 3)
+    stripes = [list(range(0, 4)), list(range(4, 7)), list(range(7, 10))]
+    orders = set()
+    for sample in range(6):
+        rows = shuffled[sample, 0, :, 0].long().tolist()
+        assert sorted(rows) == list(range(height))
+        # The output is the three stripes, each intact, in some order.
+        pieces, at = [], 0
+        while at < height:
+            stripe = next(s for s in stripes if s[0] == rows[at])
+            assert rows[at : at + len(stripe)] == stripe
+            pieces.append(stripes.index(stripe))
+            at += len(stripe)
+        orders.add(tuple(pieces))
+        assert torch.equal(shuffled[sample, 1], shuffled[sample, 0])  # same rows for every channel
+    assert len(orders) > 1  # per-sample permutations
+
+
+def test_split_and_shuffle_training_only():
+    from tbps.methods.nafs import StaircaseNetwork
+
+    torch.manual_seed(0)
+    trunk = create_image_backbone({"name": "efficientnet_lite0", "pretrained": False})
+    network = StaircaseNetwork(trunk, use_regions=True, use_patches=True, split_shuffle=True)
+    seen = {}
+    network.region_branch.register_forward_pre_hook(lambda module, args: seen.__setitem__("input", args[0]))
+    images = torch.randn(2, 3, *IMAGE_SIZE)
+    network.eval()
+    with torch.no_grad():
+        network(images)
+        original = trunk(images).feature_maps[-3]
+        assert torch.equal(seen["input"], original)
+        network.train()
+        trunk.eval()  # same trunk output as above, only the shuffle differs
+        network.region_branch.eval()
+        network.patch_branch.eval()
+        torch.manual_seed(3)
+        network(images)
+    assert not torch.equal(seen["input"], original)
+    assert torch.equal(seen["input"].sort(dim=2).values, original.sort(dim=2).values)
+
+
+@pytest.mark.parametrize("backbone, channels", [("efficientnet_lite0", 1280), ("resnet50", 2048)])
+def test_staircase_branches_shapes(backbone, channels):
+    from tbps.methods.nafs import StaircaseNetwork
+
+    torch.manual_seed(0)
+    trunk = create_image_backbone({"name": backbone, "pretrained": False, "last_stride": 1})
+    network = StaircaseNetwork(trunk, use_regions=True, use_patches=True).eval()
+    with torch.no_grad():
+        maps = network(torch.randn(2, 3, *IMAGE_SIZE))
+    # Both branches end in the global branch's last stage, at its resolution.
+    assert maps.global_map.shape[1] == maps.region_map.shape[1] == maps.patch_map.shape[1] == channels
+    assert maps.region_map.shape[2:] == maps.patch_map.shape[2:] == maps.global_map.shape[2:]
+    # Branches are copies (own parameters), not the global branch's modules.
+    trunk_ids = {id(p) for p in trunk.parameters()}
+    assert not trunk_ids & {id(p) for p in network.region_branch.parameters()}
+    assert not trunk_ids & {id(p) for p in network.patch_branch.parameters()}
+    if backbone == "resnet50":
+        assert len(network.region_branch) == 2 and len(network.patch_branch) == 1  # layer3+layer4 / layer4
+
+
+def test_image_features_shapes(nafs, batch):
+    nafs.eval()
+    with torch.no_grad():
+        features = nafs.encode_image(batch["images"])
+    nafs.train()
+    assert features["global"].shape == (4, 32)
+    assert features["local"].shape == (4, 1 + 2 + 3, 32)  # global + n1 regions + n2 patches
+    assert torch.equal(features["local"][:, 0], features["global"])
+
+
+# ------------------------------------------------------------------------------ non-local attention
+
+
+def test_focal_filter_hand_computed():
+    # s^ row (1, 0.5): sum 1.5, n = 2 -> [2*1 - 1.5]_+ * 1 = 0.5, [2*0.5 - 1.5]_+ * 0.5 = 0
+    # s^ row (0, 0.5): [0 - 0.5]_+ * 0 = 0, [1 - 0.5]_+ * 0.5 = 0.25
+    normalized = torch.tensor([[1.0, 0.5], [0.0, 0.5]])
+    assert torch.allclose(focal_filter(normalized), torch.tensor([[0.5, 0.0], [0.0, 0.25]]))
+    # A masked key neither counts in n nor in the row sum, and comes out 0.
+    padded = torch.tensor([[1.0, 0.5, 0.7]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert torch.allclose(focal_filter(padded, mask), torch.tensor([[0.5, 0.0, 0.0]]))
+
+
+def test_non_local_attention_hand_computed():
+    """Image-to-text eqs. 2-5 on a 2x2 case worked by hand.
+
+    I_Q = (1,0), (0,1); T_K = (1,0), (1,1); I_V = T_V = identity rows.
+    eq. 2: s = [[1, 1/sqrt2], [0, 1/sqrt2]]; normalised over images: s^ = [[1, .5], [0, .5]];
+    focal: s~ = [[.5, 0], [0, .25]]; eq. 3 with lambda = ln 3:
+    alpha_1 = (sqrt3, 1) / (sqrt3 + 1), alpha_2 = (1, 3^.25) / (1 + 3^.25);
+    eq. 4: R_1 = alpha_11 / ||alpha_1|| = sqrt3 / 2, R_2 = alpha_22 / ||alpha_2|| = 3^.25 / sqrt(1 + sqrt3);
+    eq. 5: S = (R_1 + R_2) / 2.
+    """
+    image_queries = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    text_keys = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    values = torch.eye(2).unsqueeze(0)
+    similarity, alpha = non_local_similarity(
+        image_queries, values, None, text_keys, values, None, math.log(3.0), return_attention=True
+    )
+    expected_alpha = torch.tensor(
+        [[math.sqrt(3) / (math.sqrt(3) + 1), 1 / (math.sqrt(3) + 1)], [1 / (1 + 3**0.25), 3**0.25 / (1 + 3**0.25)]]
+    )
+    assert torch.allclose(alpha[0, 0], expected_alpha, atol=1e-6)
+    expected = (math.sqrt(3) / 2 + 3**0.25 / math.sqrt(1 + math.sqrt(3))) / 2
+    assert similarity.shape == (1, 1)
+    assert similarity.item() == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.831126, abs=1e-5)
+
+
+def reference_non_local(q, v, q_mask, k, u, k_mask, lam, focal=True):
+    """Eqs. 2-5 written literally, one pair and one feature at a time."""
+    result = torch.zeros(q.shape[0], k.shape[0], dtype=torch.float64)
+    for i in range(q.shape[0]):
+        for j in range(k.shape[0]):
+            queries = [a for a in range(q.shape[1]) if q_mask[i, a]]
+            keys = [b for b in range(k.shape[1]) if k_mask[j, b]]
+            s = {(a, b): max(F.cosine_similarity(q[i, a], k[j, b], dim=0).item(), 0.0) for a in queries for b in keys}
+            column = {b: sum(s[(a, b)] for a in queries) for b in keys}
+            s_hat = {key: s[key] / (column[key[1]] + 1e-8) for key in s}
+            total = 0.0
+            for a in queries:
+                if focal:
+                    s_tilde = {b: max(sum(s_hat[(a, b)] - s_hat[(a, c)] for c in keys), 0.0) * s_hat[(a, b)] for b in keys}
+                else:
+                    s_tilde = {b: s_hat[(a, b)] for b in keys}
+                denominator = sum(math.exp(lam * s_tilde[c]) for c in keys)
+                context = sum(math.exp(lam * s_tilde[b]) / denominator * u[j, b].double() for b in keys)
+                total += F.cosine_similarity(v[i, a].double(), context, dim=0).item()
+            result[i, j] = total / len(queries)
+    return result
+
+
+@pytest.mark.parametrize("focal", [True, False])
+def test_non_local_similarity_matches_literal_equations(focal):
+    torch.manual_seed(0)
+    q, v = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    k, u = torch.randn(2, 6, 5), torch.randn(2, 6, 5)
+    q_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 1, 1]])
+    k_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    got = non_local_similarity(q, v, q_mask, k, u, k_mask, 7.0, focal=focal)
+    expected = reference_non_local(q, v, q_mask, k, u, k_mask, 7.0, focal)
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+    # Tiled evaluation and per-candidate scoring give the same numbers.
+    tiled = chunked_non_local_similarity(q, v, q_mask, k, u, k_mask, 7.0, focal=focal, max_elements=24)
+    assert torch.allclose(tiled, got, atol=1e-6)
+    candidates = torch.tensor([[1, 0, 1], [0, 0, 1]])  # key-side rows: text j gets query items
+    per_candidate = candidate_non_local_similarity(
+        q[candidates], v[candidates], q_mask[candidates], k, u, k_mask, 7.0, focal=focal
+    )
+    assert torch.allclose(per_candidate, got.t().gather(1, candidates), atol=1e-6)
+    swapped = candidate_non_local_similarity(
+        k, u, k_mask, q[candidates], v[candidates], q_mask[candidates], 7.0, focal=focal
+    )
+    reverse = non_local_similarity(k, u, k_mask, q, v, q_mask, 7.0, focal=focal)
+    assert torch.allclose(swapped, reverse.gather(1, candidates), atol=1e-6)
+
+
+def test_attention_module_directions():
+    torch.manual_seed(0)
+    images, texts = torch.randn(3, 4, 8), torch.randn(2, 5, 8)
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    both = ContextualNonLocalAttention(8, 5.0, 9.0)
+    s, s_prime = both(images, texts, text_mask=text_mask)
+    assert s.shape == s_prime.shape == (3, 2)
+    iq, iv, tk, tv = both.project(images, texts)
+    assert torch.allclose(s, non_local_similarity(iq, iv, None, tk, tv, text_mask, 5.0))
+    # Text-to-image: text keys query the image queries, lambda_2, transposed to [images x texts].
+    assert torch.allclose(s_prime, non_local_similarity(tk, tv, text_mask, iq, iv, None, 9.0).t())
+    one_way = ContextualNonLocalAttention(8, directions="image-to-text")
+    assert one_way(images, texts, text_mask=text_mask)[1] is None
+
+
+# ------------------------------------------------------------------------------ losses (eq. 7)
+
+
+def test_forward_returns_weighted_losses_of_eq_7(nafs, batch):
+    nafs.eval()  # deterministic (no shuffle, no dropout) so the losses can be recomputed
+    with torch.no_grad():
+        losses = nafs(batch)
+        image, text = nafs.encode_image(batch["images"]), nafs.encode_text(batch["text"])
+        s, s_prime = nafs.attention(image["local"], text["local"], text_mask=text["local_mask"])
+        expected_csal = similarity_kl_alignment(s, LABELS, scale=nafs.csal_scale, similarity_t2i=s_prime)
+        expected_cmpm = cmpm_loss(image["global"], text["global"], LABELS)
+        expected_cmpc = nafs.cmpc(image["global"], text["global"], LABELS)
+    nafs.train()
+    assert set(losses) == {"cmpm", "cmpc", "csal"}
+    assert losses["cmpm"].item() == pytest.approx(1.0 * expected_cmpm.item(), rel=1e-5)
+    assert losses["cmpc"].item() == pytest.approx(1.0 * expected_cmpc.item(), rel=1e-5)
+    assert losses["csal"].item() == pytest.approx(0.1 * expected_csal.item(), rel=1e-5)
+    assert isinstance(nafs.cmpc, CMPCLoss)
+
+
+def test_csal_matches_its_equation():
+    """CSAL: KL of softmax(scale * S) rows to q_ij = y_ij / sum_k y_ik, images then texts (S')."""
+    torch.manual_seed(0)
+    s, s_prime = torch.rand(4, 4) * 2 - 1, torch.rand(4, 4) * 2 - 1
+    ids = torch.tensor([0, 1, 0, 2])
+    y = (ids[:, None] == ids[None, :]).double()
+    q = y / y.sum(1, keepdim=True)
+
+    def kl(rows):
+        p = (10 * rows.double()).softmax(1)
+        return (p * (p.log() - (q + 1e-8).log())).sum(1).mean()
+
+    expected = kl(s) + kl(s_prime.t())
+    assert similarity_kl_alignment(s, ids, scale=10.0, similarity_t2i=s_prime).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_gradients_reach_every_branch(batch):
+    method = build()
+    method.train()
+    losses = method(batch)
+    torch.stack(list(losses.values())).sum().backward()
+    modules = {
+        "global branch": method.image_backbone.trunk,
+        "region branch": method.image_backbone.region_branch,
+        "patch branch": method.image_backbone.patch_branch,
+        "bert": method.text_backbone.backbone.model.encoder,
+        "region projection": method.region_projection,
+        "patch projection": method.patch_projection,
+        "sub-sentence projection": method.sub_sentence_projection,
+        "word projection": method.word_projection,
+        "non-local attention": method.attention,
+        "cmpc": method.cmpc,
+    }
+    for name, module in modules.items():
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), name
+    groups = method.parameter_groups()
+    names = {id(p): n for n, p in method.named_parameters()}
+    assert all(names[id(p)].startswith(("image_backbone.", "text_backbone.")) for p in groups["backbone"])
+    assert any(names[id(p)].startswith("image_backbone.region_branch") for p in groups["backbone"])
+
+
+# ------------------------------------------------------------------------------ similarity
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"test_similarity": "local"},
+        {"alignment": "separate"},
+        {"attention": {"directions": "text-to-image", "lambda_image": 10.0, "lambda_text": 10.0}},
+        {"scales": "global+finest", "test_similarity": "local"},
+    ],
+)
+def test_similarity_equals_score_candidates(overrides):
+    method = build(**overrides).eval()
+    data = make_batch(method, CAPTIONS[:3], LABELS[:3])
+    with torch.no_grad():
+        images = method.encode_image(torch.randn(5, 3, *IMAGE_SIZE))
+        texts = method.encode_text(data["text"])
+        full = method.similarity(texts, images)
+        candidates = torch.tensor([[4, 0, 2], [1, 1, 3], [0, 2, 4]])
+        scored = method.score_candidates(texts, images, candidates)
+        method.similarity_max_elements = 7  # force many tiles
+        tiled = method.similarity(texts, images)
+        tiled_candidates = method.score_candidates(texts, images, candidates)
+    assert full.shape == (3, 5)
+    assert torch.allclose(scored, full.gather(1, candidates), atol=1e-5)
+    assert torch.allclose(tiled, full, atol=1e-5)
+    assert torch.allclose(tiled_candidates, scored, atol=1e-5)
+    if method.test_similarity == "global+local":
+        local = method._mean_directions(*method.local_similarities(images, texts)).t()
+        assert torch.allclose(full, method.global_similarity(texts, images) + local, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ ablations, training
+
+
+@pytest.mark.parametrize(
+    "overrides, expected_losses, global_dim",
+    [
+        ({"scales": "global"}, {"cmpm", "cmpc"}, 32),  # Table 2 "Global"
+        ({"alignment": "concat", "image_network": "plain"}, {"cmpm", "cmpc"}, 96),  # Table 4 row 2
+        ({"alignment": "concat"}, {"cmpm", "cmpc"}, 96),  # Table 4 row 3 (staircase)
+        ({"split_shuffle": False, "scales": "global+finest"}, {"cmpm", "cmpc", "csal"}, 32),
+        ({"image_network": "plain", "text_backbone": {"name": "bilstm", "embedding_dim": 16, "hidden_size": 16, "min_count": 1}},
+         {"cmpm", "cmpc", "csal"}, 32),  # Table 4 row 1 backbones, full scale
+    ],
+)
+def test_ablation_switches(overrides, expected_losses, global_dim):
+    method = build(**overrides)
+    method.fit_text(CAPTIONS)
+    data = make_batch(method)
+    losses = method(data)
+    assert set(losses) == expected_losses
+    assert all(torch.isfinite(v) for v in losses.values())
+    method.eval()
+    with torch.no_grad():
+        images, texts = method.encode_image(data["images"]), method.encode_text(data["text"])
+        assert images["global"].shape == texts["global"].shape == (4, global_dim)
+        assert method.similarity(texts, images).shape == (4, 4)
+    if overrides.get("image_network") == "plain":
+        assert method.image_backbone.region_branch is None and method.image_backbone.patch_branch is None
+
+
+def test_training_steps_reduce_the_loss(batch):
+    method = build(split_shuffle=False)
+    optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
+
+    def evaluate():
+        method.eval()
+        with torch.no_grad():
+            value = torch.stack(list(method(batch).values())).sum().item()
+        method.train()
+        return value
+
+    before = evaluate()
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.stack(list(method(batch).values())).sum().backward()
+        optimizer.step()
+    after = evaluate()
+    assert math.isfinite(after) and after < before

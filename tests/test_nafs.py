@@ -70,6 +70,15 @@ def make_batch(method, captions=CAPTIONS, labels=LABELS):
     }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tensors here are tiny: intra-op threads only add synchronisation (and spin on a busy CPU)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def nafs():
     return build()
@@ -141,6 +150,17 @@ def test_text_processor_truncation_drops_cut_sub_sentences(nafs):
     assert int(text["num_sub_sentences"][0]) == 4  # capped at max_sub_sentences
     assert int(text["token_spans"][0, :, 1].max()) <= 23
     assert int(text["num_sub_sentences"][1]) == 1
+
+
+def test_bilstm_sub_sentence_spans():
+    from tbps.methods.nafs import word_sub_sentence_spans
+    from tbps.text.tokenizers import WordVocabulary
+
+    words = WordVocabulary.tokenize("a man, in red , , shoes. short hair")
+    # ['a', 'man', ',', 'in', 'red', ',', ',', 'shoes', '.', 'short', 'hair']
+    assert word_sub_sentence_spans(words, 8) == [(0, 3), (3, 7), (7, 9), (9, 11)]
+    assert word_sub_sentence_spans(words, 2) == [(0, 3), (3, 7)]
+    assert word_sub_sentence_spans(["no", "commas"], 8) == [(0, 2)]
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -267,6 +287,16 @@ def test_staircase_branches_shapes(backbone, channels):
         assert len(network.region_branch) == 2 and len(network.patch_branch) == 1  # layer3+layer4 / layer4
 
 
+def test_branches_copied_from_frozen_stages_stay_frozen():
+    from tbps.methods.nafs import StaircaseNetwork
+
+    trunk = create_image_backbone({"name": "efficientnet_lite0", "pretrained": False, "freeze_stages": 5})
+    network = StaircaseNetwork(trunk, use_regions=True, use_patches=True).train()
+    norms = [m for m in network.patch_branch.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert not any(p.requires_grad for p in network.patch_branch.parameters())
+
+
 def test_image_features_shapes(nafs, batch):
     nafs.eval()
     with torch.no_grad():
@@ -380,6 +410,21 @@ def test_attention_module_directions():
     assert one_way(images, texts, text_mask=text_mask)[1] is None
 
 
+def test_alignment_weights_for_figure_4(nafs, batch):
+    nafs.eval()
+    with torch.no_grad():
+        images = nafs.encode_image(batch["images"][:1])
+        texts = nafs.encode_text({k: v[:1] for k, v in batch["text"].items()})
+    nafs.train()
+    result = nafs.alignment_weights(images, texts)
+    valid = int(texts["local_mask"][0].sum())
+    assert result["weights"].shape == (valid, 6)
+    assert torch.allclose(result["weights"].sum(1), torch.ones(valid))  # a softmax over image features
+    assert result["image_labels"] == ["global", "region 1", "region 2", "patch 1", "patch 2", "patch 3"]
+    assert result["text_labels"][:3] == ["sentence", "sub-sentence 1", "sub-sentence 2"]
+    assert len(result["text_labels"]) == valid
+
+
 # ------------------------------------------------------------------------------ losses (eq. 7)
 
 
@@ -416,64 +461,47 @@ def test_csal_matches_its_equation():
     assert similarity_kl_alignment(s, ids, scale=10.0, similarity_t2i=s_prime).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_gradients_reach_every_branch(batch):
-    method = build()
-    method.train()
-    losses = method(batch)
-    torch.stack(list(losses.values())).sum().backward()
-    modules = {
-        "global branch": method.image_backbone.trunk,
-        "region branch": method.image_backbone.region_branch,
-        "patch branch": method.image_backbone.patch_branch,
-        "bert": method.text_backbone.backbone.model.encoder,
-        "region projection": method.region_projection,
-        "patch projection": method.patch_projection,
-        "sub-sentence projection": method.sub_sentence_projection,
-        "word projection": method.word_projection,
-        "non-local attention": method.attention,
-        "cmpc": method.cmpc,
-    }
-    for name, module in modules.items():
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        assert grads and any(g.abs().sum() > 0 for g in grads), name
-    groups = method.parameter_groups()
-    names = {id(p): n for n, p in method.named_parameters()}
-    assert all(names[id(p)].startswith(("image_backbone.", "text_backbone.")) for p in groups["backbone"])
-    assert any(names[id(p)].startswith("image_backbone.region_branch") for p in groups["backbone"])
-
-
 # ------------------------------------------------------------------------------ similarity
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "switches",
     [
         {},
         {"test_similarity": "local"},
         {"alignment": "separate"},
-        {"attention": {"directions": "text-to-image", "lambda_image": 10.0, "lambda_text": 10.0}},
-        {"scales": "global+finest", "test_similarity": "local"},
+        {"directions": "text-to-image"},
+        {"directions": "image-to-text", "test_similarity": "local"},
     ],
 )
-def test_similarity_equals_score_candidates(overrides):
-    method = build(**overrides).eval()
-    data = make_batch(method, CAPTIONS[:3], LABELS[:3])
-    with torch.no_grad():
-        images = method.encode_image(torch.randn(5, 3, *IMAGE_SIZE))
-        texts = method.encode_text(data["text"])
-        full = method.similarity(texts, images)
-        candidates = torch.tensor([[4, 0, 2], [1, 1, 3], [0, 2, 4]])
-        scored = method.score_candidates(texts, images, candidates)
-        method.similarity_max_elements = 7  # force many tiles
-        tiled = method.similarity(texts, images)
-        tiled_candidates = method.score_candidates(texts, images, candidates)
+def test_similarity_equals_score_candidates(nafs, switches):
+    # Test-time switches only change how the same features are scored, so one model serves all.
+    saved = (nafs.test_similarity, nafs.alignment, nafs.attention.directions, nafs.similarity_max_elements)
+    nafs.test_similarity = switches.get("test_similarity", nafs.test_similarity)
+    nafs.alignment = switches.get("alignment", nafs.alignment)
+    nafs.attention.directions = switches.get("directions", nafs.attention.directions)
+    nafs.eval()
+    try:
+        data = make_batch(nafs, CAPTIONS[:3], LABELS[:3])
+        with torch.no_grad():
+            images = nafs.encode_image(torch.randn(5, 3, *IMAGE_SIZE))
+            texts = nafs.encode_text(data["text"])
+            full = nafs.similarity(texts, images)
+            candidates = torch.tensor([[4, 0, 2], [1, 1, 3], [0, 2, 4]])
+            scored = nafs.score_candidates(texts, images, candidates)
+            nafs.similarity_max_elements = 7  # force many tiles
+            tiled = nafs.similarity(texts, images)
+            tiled_candidates = nafs.score_candidates(texts, images, candidates)
+            local = nafs._mean_directions(*nafs.local_similarities(images, texts)).t()
+    finally:
+        nafs.test_similarity, nafs.alignment, nafs.attention.directions, nafs.similarity_max_elements = saved
+        nafs.train()
     assert full.shape == (3, 5)
     assert torch.allclose(scored, full.gather(1, candidates), atol=1e-5)
     assert torch.allclose(tiled, full, atol=1e-5)
     assert torch.allclose(tiled_candidates, scored, atol=1e-5)
-    if method.test_similarity == "global+local":
-        local = method._mean_directions(*method.local_similarities(images, texts)).t()
-        assert torch.allclose(full, method.global_similarity(texts, images) + local, atol=1e-5)
+    expected = local if switches.get("test_similarity") == "local" else nafs.global_similarity(texts, images) + local
+    assert torch.allclose(full, expected, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ ablations, training
@@ -485,7 +513,8 @@ def test_similarity_equals_score_candidates(overrides):
         ({"scales": "global"}, {"cmpm", "cmpc"}, 32),  # Table 2 "Global"
         ({"alignment": "concat", "image_network": "plain"}, {"cmpm", "cmpc"}, 96),  # Table 4 row 2
         ({"alignment": "concat"}, {"cmpm", "cmpc"}, 96),  # Table 4 row 3 (staircase)
-        ({"split_shuffle": False, "scales": "global+finest"}, {"cmpm", "cmpc", "csal"}, 32),
+        ({"split_shuffle": False, "scales": "global+finest"}, {"cmpm", "cmpc", "csal"}, 32),  # Table 2
+        ({"alignment": "separate"}, {"cmpm", "cmpc", "csal"}, 32),  # Table 3
         ({"image_network": "plain", "text_backbone": {"name": "bilstm", "embedding_dim": 16, "hidden_size": 16, "min_count": 1}},
          {"cmpm", "cmpc", "csal"}, 32),  # Table 4 row 1 backbones, full scale
     ],
@@ -506,21 +535,45 @@ def test_ablation_switches(overrides, expected_losses, global_dim):
         assert method.image_backbone.region_branch is None and method.image_backbone.patch_branch is None
 
 
-def test_training_steps_reduce_the_loss(batch):
+def test_training_step_reaches_every_branch_and_reduces_the_loss(batch):
     method = build(split_shuffle=False)
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
 
-    def evaluate():
-        method.eval()
-        with torch.no_grad():
-            value = torch.stack(list(method(batch).values())).sum().item()
-        method.train()
-        return value
+    def total_loss():
+        torch.manual_seed(5)  # the same dropout masks every time; batch norm uses batch statistics
+        return torch.stack(list(method(batch).values())).sum()
 
-    before = evaluate()
-    for _ in range(3):
+    method.train()
+    loss = total_loss()
+    before = loss.item()
+    loss.backward()
+    modules = {
+        "global branch": method.image_backbone.trunk,
+        "region branch": method.image_backbone.region_branch,
+        "patch branch": method.image_backbone.patch_branch,
+        "bert": method.text_backbone.backbone.model.encoder,
+        "global projection": method.global_projection,
+        "region projection": method.region_projection,
+        "patch projection": method.patch_projection,
+        "sentence projection": method.sentence_projection,
+        "sub-sentence projection": method.sub_sentence_projection,
+        "word projection": method.word_projection,
+        "non-local attention": method.attention,
+        "cmpc": method.cmpc,
+    }
+    for name, module in modules.items():
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), name
+    # Staircase branches are backbone layers (backbone learning rate, Sec. 4.1).
+    names = {id(p): n for n, p in method.named_parameters()}
+    backbone = [names[id(p)] for p in method.parameter_groups()["backbone"]]
+    assert any(n.startswith("image_backbone.region_branch") for n in backbone)
+    assert not any(n.startswith(("attention.", "cmpc.")) for n in backbone)
+    optimizer.step()
+    for _ in range(2):
         optimizer.zero_grad()
-        torch.stack(list(method(batch).values())).sum().backward()
+        total_loss().backward()
         optimizer.step()
-    after = evaluate()
+    with torch.no_grad():
+        after = total_loss().item()
     assert math.isfinite(after) and after < before

@@ -20,7 +20,7 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-SHOWN = 12  # results the test asks the page for (of 120 images, 3 per identity)
+SHOWN = 10  # results the test asks the page for (of 120 images, 3 per identity)
 
 
 @pytest.fixture(scope="module")

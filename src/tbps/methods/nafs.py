@@ -56,7 +56,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tbps.losses import CMPCLoss, cmpm_loss, similarity_kl_alignment
-from tbps.models.attention import ContextualNonLocalAttention, candidate_non_local_similarity
+from tbps.models.attention import (
+    ContextualNonLocalAttention,
+    candidate_bidirectional_non_local_similarity,
+    non_local_similarity,
+)
 from tbps.models.backbones import create_image_backbone, create_text_backbone
 from tbps.models.backbones.common import option
 from tbps.models.backbones.image import EfficientNetLite0, ImageBackbone, ResNet50
@@ -190,6 +194,18 @@ class StaircaseNetwork(nn.Module):
     def out_channels(self) -> int:
         return self.trunk.out_channels
 
+    def train(self, mode: bool = True) -> "StaircaseNetwork":
+        super().train(mode)  # the trunk keeps its own frozen stages in eval mode
+        # A branch copied from frozen trunk stages (image_backbone.freeze_stages) is frozen too:
+        # keep its batch-norm statistics as loaded, like the trunk does.
+        for branch in (self.region_branch, self.patch_branch):
+            for module in branch.modules() if branch is not None else ():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters()
+                ):
+                    module.eval()
+        return self
+
     def _branch_input(self, feature_map: Tensor, stripes: int) -> Tensor:
         if self.training and self.split_shuffle:
             return split_and_shuffle(feature_map, stripes)
@@ -215,19 +231,24 @@ class StaircaseNetwork(nn.Module):
 
 
 def pool_stripes(feature_map: Tensor, num_stripes: int, mode: str) -> Tensor:
-    """``[B, C, H, W]`` -> ``[B, num_stripes, C]``: horizontal stripes, each pooled ("avg", "max", "avg+max")."""
-    stripes = feature_map.tensor_split(min(num_stripes, feature_map.shape[2]), dim=2)
+    """``[B, C, H, W]`` -> ``[B, num_stripes, C]``: horizontal stripes, each pooled ("avg", "max", "avg+max").
+
+    Stripes are as equal as ``H`` allows; a map with fewer rows than stripes repeats its last
+    stripe so the feature count per image stays fixed.
+    """
+    if mode not in ("avg", "max", "avg+max"):
+        raise ValueError(f"unknown image pooling {mode!r}; use avg, max or avg+max")
     pooled = []
-    for stripe in stripes:
-        vector = stripe.mean(dim=(2, 3)) if mode in ("avg", "avg+max") else 0
-        if mode in ("max", "avg+max"):
+    for stripe in feature_map.tensor_split(min(num_stripes, feature_map.shape[2]), dim=2):
+        parts = []
+        if mode != "max":
+            parts.append(stripe.mean(dim=(2, 3)))
+        if mode != "avg":
             # Max pooling keeps small, distinctive parts (a bag, shoes) that averaging dilutes.
-            vector = vector + stripe.amax(dim=(2, 3))
-        if mode not in ("avg", "max", "avg+max"):
-            raise ValueError(f"unknown image pooling {mode!r}; use avg, max or avg+max")
-        pooled.append(vector)
+            parts.append(stripe.amax(dim=(2, 3)))
+        pooled.append(sum(parts))
     result = torch.stack(pooled, dim=1)
-    if result.shape[1] < num_stripes:  # maps shorter than the stripe count: repeat the last stripe
+    if result.shape[1] < num_stripes:
         result = torch.cat([result, result[:, -1:].expand(-1, num_stripes - result.shape[1], -1)], dim=1)
     return result
 
@@ -490,8 +511,10 @@ class NAFS(PersonSearchMethod):
         self.cmpm_weight = float(option(loss_weights, "cmpm", 1.0))
         self.cmpc_weight = float(option(loss_weights, "cmpc", 1.0))
         self.csal_weight = float(option(loss_weights, "csal", 0.1)) if self.has_local else 0.0
-        # CSAL's p is a softmax of scale * S (see tbps.losses.similarity_kl_alignment): S is a
-        # mean cosine in [-1, 1], too flat a logit without a scale.
+        # CSAL (the equations above eq. 7) writes S itself where a distribution belongs; the shared
+        # loss uses p = softmax(scale * S) (tbps.losses.similarity_kl_alignment). S is a mean
+        # cosine in [-1, 1], so scale = 1 would give an almost uniform p; 10 is our choice
+        # (the paper gives none), like a contrastive temperature of 0.1.
         self.csal_scale = float(option(loss_weights, "csal_scale", 10.0))
         self.csal_epsilon = float(option(loss_weights, "csal_epsilon", 1e-8))
 
@@ -526,6 +549,9 @@ class NAFS(PersonSearchMethod):
         self.word_projection = TokenProjection(hidden, self.embed_dim) if self.use_fine else None
 
         # ---- alignment (Sec. 3.3)
+        # lambda_1, lambda_2 (eq. 3) are not given in the paper; 20 follows BFAN's focal attention
+        # (the paper's [15]): the focal weights s~ are small (<= 1), so the softmax needs a large
+        # inverse temperature to be selective.
         attention = option(config, "attention", {}) or {}
         self.attention = ContextualNonLocalAttention(
             self.embed_dim,
@@ -635,10 +661,56 @@ class NAFS(PersonSearchMethod):
             totals = [part if total is None else (total if part is None else total + part) for total, part in zip(totals, parts)]
         return tuple(None if total is None else total / len(pairs) for total in totals)  # type: ignore[return-value]
 
+    def _trim_text_padding(self, text_features: Mapping[str, Tensor]) -> Features:
+        """Drop word slots that are padding for every text of this block (exact: masked keys get
+        no attention weight), so short captions do not pay for ``max_text_length``."""
+        mask = text_features["local_mask"]
+        valid = mask.bool().any(dim=0).nonzero()
+        fixed = 1 + (self.max_sub_sentences if self.use_mid else 0)  # sentence + sub-sentence slots stay
+        keep = max(fixed, int(valid.max()) + 1 if valid.numel() else fixed)
+        trimmed = dict(text_features)
+        trimmed["local"], trimmed["local_mask"] = text_features["local"][:, :keep], mask[:, :keep]
+        return trimmed
+
     @staticmethod
     def _mean_directions(image_to_text: Tensor | None, text_to_image: Tensor | None) -> Tensor:
         present = [s for s in (image_to_text, text_to_image) if s is not None]
         return sum(present) / len(present)  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def alignment_weights(self, image_features: Mapping[str, Tensor], text_features: Mapping[str, Tensor]) -> dict[str, Any]:
+        """What each text feature attends to in the image, for one image and one caption (Fig. 4).
+
+        Returns the text-to-image weights ``alpha'`` (the softmax of eq. 3 with text keys as
+        queries): ``weights`` ``[n_valid, m]`` over the image features, and ``text_labels`` /
+        ``image_labels`` naming rows ("sentence", "sub-sentence 1", "word 3", ...) and columns
+        ("global", "region 1", ..., "patch 1", ...), image stripes numbered top to bottom. Only
+        valid text features are kept. Both feature dicts hold a single item (batch of 1).
+        """
+        if not self.has_local:
+            raise ValueError("alignment weights need local features (scales != global, alignment != concat)")
+        queries, image_values, keys, text_values = self.attention.project(image_features["local"][:1], text_features["local"][:1])
+        mask = text_features["local_mask"][:1]
+        _, alpha = non_local_similarity(
+            keys, text_values, mask, queries, image_values, None,
+            self.attention.text_inverse_temperature, self.attention.focal, return_attention=True,
+        )
+        text_labels = ["sentence"]
+        if self.use_mid:
+            text_labels += [f"sub-sentence {i + 1}" for i in range(self.max_sub_sentences)]
+        if self.use_fine:
+            text_labels += [f"word {i}" for i in range(text_features["local"].shape[1] - len(text_labels))]
+        image_labels = ["global"]
+        if self.use_mid:
+            image_labels += [f"region {i + 1}" for i in range(self.region_stripes)]
+        if self.use_fine:
+            image_labels += [f"patch {i + 1}" for i in range(self.patch_stripes)]
+        keep = mask[0].bool()
+        return {
+            "weights": alpha[0, 0][keep],
+            "text_labels": [label for label, valid in zip(text_labels, keep.tolist()) if valid],
+            "image_labels": image_labels,
+        }
 
     # ------------------------------------------------------------------ 4. losses (eq. 7)
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -675,6 +747,7 @@ class NAFS(PersonSearchMethod):
         """
         if not self.has_local or self.test_similarity == "global":
             return self.global_similarity(text_features, image_features)
+        text_features = self._trim_text_padding(text_features)
         local_i2t, local_t2i = self.local_similarities(image_features, text_features, self.similarity_max_elements)
         local = self._mean_directions(local_i2t, local_t2i).t().float()
         if self.test_similarity == "local":
@@ -693,15 +766,22 @@ class NAFS(PersonSearchMethod):
             text = F.normalize(text_features["global"].float(), dim=-1)
             image = F.normalize(image_features["global"].float(), dim=-1)
             return torch.einsum("td,tkd->tk", text, image[candidates])
+        text_features = self._trim_text_padding(text_features)
         num_texts, k = candidates.shape
         m = image_features["local"].shape[1]
         n, dim = text_features["local"].shape[1:]
         block = max(1, self.similarity_max_elements // max(1, k * max(m * n, m * dim)))
+        # Project every gallery image once, then gather the candidates' projections.
+        image_projected = {
+            "global": image_features["global"],
+            "query": self.attention.image_query(image_features["local"]),
+            "value": self.attention.image_value(image_features["local"]),
+        }
         rows = []
         for start in range(0, num_texts, block):
             rows.append(
                 self._score_candidate_block(
-                    index_features(text_features, slice(start, start + block)), image_features, candidates[start : start + block]
+                    index_features(text_features, slice(start, start + block)), image_projected, candidates[start : start + block]
                 )
             )
         if not rows:
@@ -711,9 +791,10 @@ class NAFS(PersonSearchMethod):
     def _score_candidate_block(
         self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor], candidates: Tensor
     ) -> Tensor:
-        image_local = image_features["local"][candidates]  # [T, k, m, D]
+        """One block of texts; ``image_features`` holds ``global`` and the projected ``query``/``value``."""
+        queries, image_values = image_features["query"][candidates], image_features["value"][candidates]  # [T, k, m, D]
         text_local, text_mask = text_features["local"], text_features["local_mask"]
-        queries, image_values, keys, text_values = self.attention.project(image_local, text_local)
+        keys, text_values = self.attention.text_key(text_local), self.attention.text_value(text_local)
         attention = self.attention
         if self.alignment == "joint":
             pairs = [(slice(None), slice(None))]
@@ -722,20 +803,16 @@ class NAFS(PersonSearchMethod):
         totals: list[Tensor | None] = [None, None]
         for image_slice, text_slice in pairs:
             if self.alignment == "separate" and image_slice.stop == 1:
-                cosine = torch.einsum(
-                    "tkd,td->tk", F.normalize(image_local[:, :, 0], dim=-1), F.normalize(text_local[:, 0], dim=-1)
+                cosine = torch.einsum(  # local slot 0 is the global vector
+                    "tkd,td->tk", F.normalize(image_features["global"][candidates], dim=-1), F.normalize(text_local[:, 0], dim=-1)
                 )
                 parts = (cosine if attention.uses_image_to_text else None, cosine if attention.uses_text_to_image else None)
             else:
-                q, iv = queries[:, :, image_slice], image_values[:, :, image_slice]
-                tk, tv, tm = keys[:, text_slice], text_values[:, text_slice], text_mask[:, text_slice]
-                parts = (
-                    candidate_non_local_similarity(q, iv, None, tk, tv, tm, attention.image_inverse_temperature, attention.focal)
-                    if attention.uses_image_to_text
-                    else None,
-                    candidate_non_local_similarity(tk, tv, tm, q, iv, None, attention.text_inverse_temperature, attention.focal)
-                    if attention.uses_text_to_image
-                    else None,
+                parts = candidate_bidirectional_non_local_similarity(
+                    queries[:, :, image_slice], image_values[:, :, image_slice],
+                    keys[:, text_slice], text_values[:, text_slice], text_mask[:, text_slice],
+                    attention.image_inverse_temperature, attention.text_inverse_temperature, attention.focal,
+                    image_to_text=attention.uses_image_to_text, text_to_image=attention.uses_text_to_image,
                 )
             totals = [part if total is None else (total if part is None else total + part) for total, part in zip(totals, parts)]
         totals = [None if total is None else total / len(pairs) for total in totals]

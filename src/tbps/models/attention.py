@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "ContextualNonLocalAttention",
+    "bidirectional_non_local_similarity",
+    "candidate_bidirectional_non_local_similarity",
     "candidate_non_local_similarity",
     "chunked_non_local_similarity",
     "focal_filter",
@@ -35,16 +37,16 @@ def focal_filter(normalized: Tensor, key_mask: Tensor | None = None) -> Tensor:
     """NAFS's focal attention trick: ``s~_ab = [sum_c (s^_ab - s^_ac)]_+ * s^_ab`` (Sec. 3.3).
 
     ``normalized`` holds ``s^`` with the key axis last (``[..., n]``). The sum runs over the ``c``
-    valid keys only (``key_mask`` broadcastable to ``normalized``), so it equals
+    valid keys only (``key_mask`` broadcastable to ``normalized``, its last axis the keys), so it equals
     ``n_valid * s^_ab - sum_c s^_ac``: keys weighted below their row's mean are zeroed, which
     filters out irrelevant fragments before the softmax of eq. 3 (after BFAN, the paper's [15]).
     Masked keys come out as 0.
     """
     if key_mask is None:
-        key_mask = torch.ones_like(normalized)
+        key_mask = normalized.new_ones(normalized.shape[-1])
     key_mask = key_mask.to(normalized.dtype)
     valid = normalized * key_mask
-    count = key_mask.sum(dim=-1, keepdim=True)
+    count = key_mask.sum(dim=-1, keepdim=True)  # summed on the (small) mask, broadcast after
     gate = (count * valid - valid.sum(dim=-1, keepdim=True)).clamp(min=0)
     return gate * valid
 
@@ -69,7 +71,7 @@ def non_local_attention_weights(
     key_valid = key_mask.to(cosine.dtype).unsqueeze(-2)  # [..., 1, n]
     clipped = cosine.clamp(min=0) * query_valid * key_valid  # eq. 2, [x]_+
     normalized = clipped / (clipped.sum(dim=-2, keepdim=True) + epsilon)  # s^: sum over queries a
-    filtered = focal_filter(normalized, key_valid.expand_as(normalized)) if focal else normalized
+    filtered = focal_filter(normalized, key_valid) if focal else normalized
     logits = (inverse_temperature * filtered).masked_fill(key_valid == 0, float("-inf"))
     return logits.softmax(dim=-1)  # eq. 3, over the keys b
 
@@ -242,6 +244,124 @@ def chunked_non_local_similarity(
     return torch.cat(rows, dim=0)
 
 
+def bidirectional_non_local_similarity(
+    image_queries: Tensor,
+    image_values: Tensor,
+    image_mask: Tensor | None,
+    text_keys: Tensor,
+    text_values: Tensor,
+    text_mask: Tensor | None,
+    image_inverse_temperature: float,
+    text_inverse_temperature: float,
+    focal: bool = True,
+    image_to_text: bool = True,
+    text_to_image: bool = True,
+    max_elements: int | None = None,
+    epsilon: float = 1e-8,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(S, S')`` for every image x text, both ``[images x texts]``, sharing the pair products.
+
+    Text-to-image attention compares the same vectors as image-to-text (``s'_ab = cos(t_ka,
+    i_qb)`` is ``s_ba``, and ``t_va . i_vb`` is the transposed value product), so both directions
+    are computed from one ``[I, T, m, n]`` cosine and one value-product tensor per tile: half the
+    cost of two :func:`non_local_similarity` calls, with identical results. ``max_elements``
+    bounds the entries of each ``[i, t, m, n]`` tile (None: one tile).
+    """
+    num_images, m = image_queries.shape[:2]
+    num_texts, n = text_keys.shape[:2]
+    if image_mask is None:
+        image_mask = image_queries.new_ones(num_images, m)
+    if text_mask is None:
+        text_mask = text_keys.new_ones(num_texts, n)
+    image_unit, text_unit = F.normalize(image_queries, dim=-1), F.normalize(text_keys, dim=-1)
+    image_norm, text_norm = image_values.norm(dim=-1), text_values.norm(dim=-1)
+    text_gram = text_values @ text_values.transpose(1, 2)  # [T, n, n]
+    image_gram = image_values @ image_values.transpose(1, 2)  # [I, m, m]
+
+    per_pair = max(1, m * n)
+    budget = max_elements if max_elements is not None else num_images * num_texts * per_pair
+    text_block = max(1, min(num_texts, budget // per_pair))
+    image_block = max(1, budget // (per_pair * text_block))
+    rows_i2t: list[Tensor] = []
+    rows_t2i: list[Tensor] = []
+    for i_start in range(0, num_images, image_block):
+        i = slice(i_start, i_start + image_block)
+        cols_i2t: list[Tensor] = []
+        cols_t2i: list[Tensor] = []
+        for t_start in range(0, num_texts, text_block):
+            t = slice(t_start, t_start + text_block)
+            cosine = torch.einsum("imd,tnd->itmn", image_unit[i], text_unit[t])
+            value_dots = torch.einsum("imd,tnd->itmn", image_values[i], text_values[t])
+            if image_to_text:
+                gram = text_gram[t]
+                similarity, _ = _similarity_from_scores(
+                    cosine, value_dots, lambda w: torch.einsum("itmn,tnl->itml", w, gram),
+                    image_norm[i].unsqueeze(1), image_mask[i].unsqueeze(1), text_mask[t].unsqueeze(0),
+                    image_inverse_temperature, focal, epsilon,
+                )
+                cols_i2t.append(similarity)
+            if text_to_image:
+                gram = image_gram[i]
+                similarity, _ = _similarity_from_scores(
+                    cosine.transpose(-1, -2), value_dots.transpose(-1, -2),
+                    lambda w: torch.einsum("itnm,iml->itnl", w, gram),
+                    text_norm[t].unsqueeze(0), text_mask[t].unsqueeze(0), image_mask[i].unsqueeze(1),
+                    text_inverse_temperature, focal, epsilon,
+                )
+                cols_t2i.append(similarity)
+        if cols_i2t:
+            rows_i2t.append(torch.cat(cols_i2t, dim=1))
+        if cols_t2i:
+            rows_t2i.append(torch.cat(cols_t2i, dim=1))
+    empty = image_queries.new_zeros(num_images, num_texts)
+    result_i2t = (torch.cat(rows_i2t) if rows_i2t else empty) if image_to_text else None
+    result_t2i = (torch.cat(rows_t2i) if rows_t2i else empty) if text_to_image else None
+    return result_i2t, result_t2i
+
+
+def candidate_bidirectional_non_local_similarity(
+    image_queries: Tensor,
+    image_values: Tensor,
+    text_keys: Tensor,
+    text_values: Tensor,
+    text_mask: Tensor | None,
+    image_inverse_temperature: float,
+    text_inverse_temperature: float,
+    focal: bool = True,
+    image_to_text: bool = True,
+    text_to_image: bool = True,
+    epsilon: float = 1e-8,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(S, S')`` of each text ``t`` with its own candidate images, ``[T, K]`` each.
+
+    ``image_queries``/``image_values`` ``[T, K, m, D]`` (the candidates' features),
+    ``text_keys``/``text_values`` ``[T, n, D]``, ``text_mask`` ``[T, n]``. Shares the pair
+    products between directions like :func:`bidirectional_non_local_similarity`.
+    """
+    num_texts, n = text_keys.shape[:2]
+    if text_mask is None:
+        text_mask = text_keys.new_ones(num_texts, n)
+    image_mask = image_queries.new_ones(image_queries.shape[:3])  # [T, K, m]
+    cosine = torch.einsum("tkmd,tnd->tkmn", F.normalize(image_queries, dim=-1), F.normalize(text_keys, dim=-1))
+    value_dots = torch.einsum("tkmd,tnd->tkmn", image_values, text_values)
+    result_i2t = result_t2i = None
+    if image_to_text:
+        text_gram = text_values @ text_values.transpose(1, 2)  # [T, n, n]
+        result_i2t, _ = _similarity_from_scores(
+            cosine, value_dots, lambda w: torch.einsum("tkmn,tnl->tkml", w, text_gram),
+            image_values.norm(dim=-1), image_mask, text_mask.unsqueeze(1),
+            image_inverse_temperature, focal, epsilon,
+        )
+    if text_to_image:
+        image_gram = image_values @ image_values.transpose(-1, -2)  # [T, K, m, m]
+        result_t2i, _ = _similarity_from_scores(
+            cosine.transpose(-1, -2), value_dots.transpose(-1, -2), lambda w: w @ image_gram,
+            text_values.norm(dim=-1).unsqueeze(1), text_mask.unsqueeze(1), image_mask,
+            text_inverse_temperature, focal, epsilon,
+        )
+    return result_i2t, result_t2i
+
+
 class ContextualNonLocalAttention(nn.Module):
     """NAFS's contextual non-local attention with its four learned projections (Sec. 3.3, Fig. 3).
 
@@ -319,36 +439,8 @@ class ContextualNonLocalAttention(nn.Module):
         max_elements: int | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
         """Both directions from already projected features (see :meth:`forward`)."""
-        image_to_text = text_to_image = None
-        if self.uses_image_to_text:
-            image_to_text = self._run(
-                image_queries, image_values, image_mask, text_keys, text_values, text_mask,
-                self.image_inverse_temperature, max_elements,
-            )
-        if self.uses_text_to_image:
-            # Text keys act as queries over the image queries acting as keys (Sec. 3.3).
-            text_to_image = self._run(
-                text_keys, text_values, text_mask, image_queries, image_values, image_mask,
-                self.text_inverse_temperature, max_elements,
-            ).t()
-        return image_to_text, text_to_image
-
-    def _run(
-        self,
-        queries: Tensor,
-        query_values: Tensor,
-        query_mask: Tensor | None,
-        keys: Tensor,
-        key_values: Tensor,
-        key_mask: Tensor | None,
-        inverse_temperature: float,
-        max_elements: int | None,
-    ) -> Tensor:
-        if max_elements is None:
-            return non_local_similarity(
-                queries, query_values, query_mask, keys, key_values, key_mask, inverse_temperature, self.focal
-            )
-        return chunked_non_local_similarity(
-            queries, query_values, query_mask, keys, key_values, key_mask, inverse_temperature, self.focal,
-            max_elements=max_elements,
+        return bidirectional_non_local_similarity(
+            image_queries, image_values, image_mask, text_keys, text_values, text_mask,
+            self.image_inverse_temperature, self.text_inverse_temperature, self.focal,
+            image_to_text=self.uses_image_to_text, text_to_image=self.uses_text_to_image, max_elements=max_elements,
         )

@@ -349,8 +349,10 @@ def make_faiss_index(vectors: np.ndarray, kind: str) -> tuple[faiss.Index, dict[
             sub = next(m for m in (32, 16, 8, 4, 2, 1) if dim % m == 0)
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, sub, 8, faiss.METRIC_INNER_PRODUCT)
             params["pq_subquantizers"] = sub
+        # 64 training points per list is enough for stable centroids and keeps k-means on 1M
+        # images to about a minute on two cores (FAISS's own cap is 256 per list).
         rng = np.random.default_rng(0)
-        train = vectors if count <= 256 * nlist else vectors[rng.choice(count, 256 * nlist, replace=False)]
+        train = vectors if count <= 64 * nlist else vectors[np.sort(rng.choice(count, 64 * nlist, replace=False))]
         index.train(np.ascontiguousarray(train, dtype=np.float32))
         params.update(nlist=nlist, nprobe=min(nlist, 32))
     else:  # pragma: no cover - choose_index_kind rejects the rest

@@ -40,9 +40,11 @@ function renderHits(hits, label) {
     score.textContent = `#${hit.rank}  ${hit.score.toFixed(3)}`;
     const meta = document.createElement("div");
     meta.className = "meta";
-    meta.textContent = [hit.camera && `cam ${hit.camera}`, hit.timestamp && hit.timestamp.replace("T", " ")]
+    // Month-day and time fit the card; the full name and timestamp are in the tooltip.
+    meta.textContent = [hit.camera && `cam ${hit.camera}`, hit.timestamp && hit.timestamp.slice(5, 16).replace("T", " ")]
       .filter(Boolean).join(" · ") || hit.name;
     meta.title = hit.name;
+    card.title = [hit.name, hit.timestamp].filter(Boolean).join("\n");
     card.append(img, score, meta);
     card.addEventListener("click", () => showDetail(hit, card));
     card.addEventListener("keydown", (event) => { if (event.key === "Enter") showDetail(hit, card); });

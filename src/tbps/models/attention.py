@@ -444,3 +444,296 @@ class ContextualNonLocalAttention(nn.Module):
             self.image_inverse_temperature, self.text_inverse_temperature, self.focal,
             image_to_text=self.uses_image_to_text, text_to_image=self.uses_text_to_image, max_elements=max_elements,
         )
+
+
+# =============================================================================================
+# Stacked cross attention (SCAN, Lee et al. ECCV 2018), as ACSA's asymmetric cross-attention
+# module uses it (Ji et al. 2022, eqs. 1-11): no learned projections, the clipped cosines are
+# L2-normalised over the *other* modality's axis before a temperature softmax.
+# =============================================================================================
+
+
+def cross_attention_scores(
+    cosine: Tensor,
+    visual_norm: Tensor,
+    text_norm: Tensor,
+    text_mask: Tensor,
+    visual_gram: Tensor,
+    text_gram: Tensor,
+    inverse_temperature_i2t: float,
+    inverse_temperature_t2i: float,
+    image_to_text: bool = True,
+    text_to_image: bool = True,
+    epsilon: float = 1e-8,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Both directions of the cross attention from the pair cosines; ``(S, S', alpha, alpha')``.
+
+    ``cosine[..., i, j] = cos(v_i, t_j)`` (eqs. 1 and 7) for ``m`` visual entities and ``n`` text
+    entities of every pair in the leading dims. The other inputs broadcast against it:
+    ``visual_norm`` ``[..., m]`` (``||v_i||``), ``text_norm`` / ``text_mask`` ``[..., n]``
+    (``||t_j||``; 1 for real phrases), ``visual_gram`` ``[..., m, m]`` (``v_i . v_k``) and
+    ``text_gram`` ``[..., n, n]`` (``t_j . t_l``).
+
+    Image-to-text (eqs. 2-6): ``s~_ij = [s_ij]_+ / sqrt(sum_i [s_ij]_+^2)`` (over the visual
+    entities), ``alpha_ij = softmax_j(lambda s~_ij)`` over the real phrases, ``T_vi = sum_j
+    alpha_ij t_j``, ``S = mean_i cos(v_i, T_vi)``.
+
+    Text-to-image (eqs. 7-11): ``s~'_ij = [s_ij]_+ / sqrt(sum_j [s_ij]_+^2)`` (over the real
+    phrases), ``alpha'_ij = softmax_i(lambda' s~'_ij)``, ``V_tj = sum_i alpha'_ij v_i``,
+    ``S' = mean_j cos(t_j, V_tj)`` over the real phrases. Eq. 9 as printed sums
+    ``alpha'_ij t_j`` over ``j`` with a softmax over ``j``, which would rebuild the image-to-text
+    context; the text ("a weighted visual representation related to the phrase") and SCAN's
+    text-to-image attention say ``V_tj = sum_i alpha'_ij v_i`` with the softmax over ``i``.
+
+    Padded phrases get zero weight everywhere (excluded from eq. 2's clip, eq. 4's softmax,
+    eq. 8's norm and eq. 11's mean), so adding padding never changes a score. A caption
+    without any phrase scores 0 in both directions. ``T_vi`` / ``V_tj`` are never built as
+    ``[..., m, D]`` tensors: ``v_i . T_vi = ||v_i|| sum_j alpha_ij ||t_j|| s_ij`` and
+    ``||T_vi||^2 = alpha_i^T G_t alpha_i`` (likewise for ``V_tj``).
+
+    Returns ``S``, ``S'`` (``[...]``, None for a direction switched off) and the attention
+    weights ``alpha`` (softmax over ``j``) and ``alpha'`` (softmax over ``i``), both
+    ``[..., m, n]``.
+    """
+    valid = text_mask.to(cosine.dtype).unsqueeze(-2)  # [..., 1, n]
+    clipped = cosine.clamp(min=0) * valid  # [s_ij]_+ of eqs. 2 and 8, padding removed
+    lowest = torch.finfo(cosine.dtype).min
+    similarity = similarity_t2i = alpha = alpha_t2i = None
+    if image_to_text:
+        normalized = clipped / clipped.pow(2).sum(dim=-2, keepdim=True).clamp(min=epsilon).sqrt()  # eq. 2
+        # eq. 4; a finite fill (not -inf) keeps a caption with no phrase free of NaN, and the
+        # product with ``valid`` then zeroes its (uniform) weights.
+        logits = (inverse_temperature_i2t * normalized).masked_fill(valid == 0, lowest)
+        alpha = logits.softmax(dim=-1) * valid
+        numerator = (alpha * cosine * text_norm.unsqueeze(-2)).sum(dim=-1)  # v_i . T_vi / ||v_i||
+        context_norm = ((alpha @ text_gram) * alpha).sum(dim=-1).clamp(min=0).sqrt()  # ||T_vi|| (eq. 3)
+        relevance = numerator / context_norm.clamp(min=epsilon)  # eq. 5
+        similarity = relevance.mean(dim=-1)  # eq. 6, over the k + 1 visual entities
+    if text_to_image:
+        normalized = clipped / clipped.pow(2).sum(dim=-1, keepdim=True).clamp(min=epsilon).sqrt()  # eq. 8
+        alpha_t2i = (inverse_temperature_t2i * normalized).softmax(dim=-2)  # over the visual entities i
+        numerator = (alpha_t2i * cosine * visual_norm.unsqueeze(-1)).sum(dim=-2)  # t_j . V_tj / ||t_j||
+        context_norm = ((visual_gram @ alpha_t2i) * alpha_t2i).sum(dim=-2).clamp(min=0).sqrt()  # ||V_tj|| (eq. 9)
+        relevance = numerator / context_norm.clamp(min=epsilon)  # eq. 10
+        phrase_weights = text_mask.to(cosine.dtype)
+        similarity_t2i = (relevance * phrase_weights).sum(dim=-1) / phrase_weights.sum(dim=-1).clamp(min=1.0)  # eq. 11
+    return similarity, similarity_t2i, alpha, alpha_t2i
+
+
+def cross_attention_similarity(
+    visual: Tensor,
+    text: Tensor,
+    text_mask: Tensor | None,
+    inverse_temperature_i2t: float,
+    inverse_temperature_t2i: float,
+    image_to_text: bool = True,
+    text_to_image: bool = True,
+    max_elements: int | None = None,
+    epsilon: float = 1e-8,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(S, S')`` of every image with every caption, ``[images x texts]`` each (ACSA eqs. 1-11).
+
+    ``visual`` ``[A, m, D]`` (visual entities per image), ``text`` ``[B, n, D]`` (phrases per
+    caption), ``text_mask`` ``[B, n]`` (None: all real). One set of tensor operations per tile
+    of the pair grid; ``max_elements`` bounds the entries of a tile's ``[a, b, m, n]``
+    intermediates (None: one tile, as in training).
+    """
+    num_images, m = visual.shape[:2]
+    num_texts, n = text.shape[:2]
+    if text_mask is None:
+        text_mask = text.new_ones(num_texts, n)
+    visual_unit, text_unit = F.normalize(visual, dim=-1), F.normalize(text, dim=-1)
+    visual_norm, text_norm = visual.norm(dim=-1), text.norm(dim=-1)
+    visual_gram = visual @ visual.transpose(1, 2)  # [A, m, m]
+    text_gram = text @ text.transpose(1, 2)  # [B, n, n]
+    per_pair = max(1, m * max(n, m))
+    budget = max_elements if max_elements is not None else max(1, num_images * num_texts * per_pair)
+    text_block = max(1, min(num_texts, budget // per_pair))
+    image_block = max(1, budget // (per_pair * text_block))
+    rows: tuple[list[Tensor], list[Tensor]] = ([], [])
+    for i_start in range(0, num_images, image_block):
+        i = slice(i_start, i_start + image_block)
+        columns: tuple[list[Tensor], list[Tensor]] = ([], [])
+        for t_start in range(0, num_texts, text_block):
+            t = slice(t_start, t_start + text_block)
+            cosine = torch.einsum("amd,bnd->abmn", visual_unit[i], text_unit[t])
+            scores = cross_attention_scores(
+                cosine,
+                visual_norm[i].unsqueeze(1),
+                text_norm[t].unsqueeze(0),
+                text_mask[t].unsqueeze(0),
+                visual_gram[i].unsqueeze(1),
+                text_gram[t].unsqueeze(0),
+                inverse_temperature_i2t,
+                inverse_temperature_t2i,
+                image_to_text,
+                text_to_image,
+                epsilon,
+            )[:2]
+            for store, score in zip(columns, scores):
+                if score is not None:
+                    store.append(score)
+        for store, parts in zip(rows, columns):
+            if parts:
+                store.append(torch.cat(parts, dim=1))
+    empty = visual.new_zeros(num_images, num_texts)
+    return (
+        (torch.cat(rows[0]) if rows[0] else empty) if image_to_text else None,
+        (torch.cat(rows[1]) if rows[1] else empty) if text_to_image else None,
+    )
+
+
+def candidate_cross_attention_similarity(
+    visual: Tensor,
+    text: Tensor,
+    text_mask: Tensor | None,
+    inverse_temperature_i2t: float,
+    inverse_temperature_t2i: float,
+    image_to_text: bool = True,
+    text_to_image: bool = True,
+    epsilon: float = 1e-8,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(S, S')`` of each caption ``t`` with its own ``K`` candidate images, ``[T, K]`` each.
+
+    ``visual`` ``[T, K, m, D]`` (the candidates' visual entities), ``text`` ``[T, n, D]``,
+    ``text_mask`` ``[T, n]``. Same numbers as :func:`cross_attention_similarity` on those pairs.
+    """
+    num_texts, n = text.shape[:2]
+    if text_mask is None:
+        text_mask = text.new_ones(num_texts, n)
+    cosine = torch.einsum("tkmd,tnd->tkmn", F.normalize(visual, dim=-1), F.normalize(text, dim=-1))
+    similarity, similarity_t2i, _, _ = cross_attention_scores(
+        cosine,
+        visual.norm(dim=-1),
+        text.norm(dim=-1).unsqueeze(1),
+        text_mask.unsqueeze(1),
+        visual @ visual.transpose(-1, -2),
+        (text @ text.transpose(1, 2)).unsqueeze(1),
+        inverse_temperature_i2t,
+        inverse_temperature_t2i,
+        image_to_text,
+        text_to_image,
+        epsilon,
+    )
+    return similarity, similarity_t2i
+
+
+__all__ += ["candidate_cross_attention_similarity", "cross_attention_scores", "cross_attention_similarity"]
+
+
+# --------------------------------------------------------------------------------------------
+# Single-modality blocks on CNN feature maps (ISANet's CAF and its Table IV ablation; generic)
+# --------------------------------------------------------------------------------------------
+
+
+class SqueezeExcitation(nn.Module):
+    """Squeeze-and-excitation channel weights (Hu et al., CVPR 2018): ``sigmoid(W2 ReLU(W1 GAP(x)))``.
+
+    Returns the weights ``[B, C, 1, 1]`` (not the re-weighted map), so a caller can apply them to
+    another tensor than the one they were computed from (ISANet eq. 8 weights the IN residual).
+    """
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(1, channels // max(1, reduction))
+        self.reduce = nn.Linear(channels, hidden)
+        self.expand = nn.Linear(hidden, channels)
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        squeezed = feature_map.mean(dim=(2, 3))  # [B, C] global average pooling
+        weights = torch.sigmoid(self.expand(F.relu(self.reduce(squeezed))))
+        return weights[:, :, None, None]
+
+
+class NonLocalBlock2d(nn.Module):
+    """Embedded-Gaussian non-local block (Wang et al., CVPR 2018) with a residual connection.
+
+    ``y_i = x_i + W_z sum_j softmax_j(theta(x_i) . phi(x_j)) g(x_j)`` over all positions of a
+    ``[B, C, H, W]`` map. ``W_z`` ends in a batch norm initialised to zero, so the block starts as
+    the identity (the paper's recommendation) and can be dropped into a pretrained network.
+    """
+
+    def __init__(self, channels: int, inter_channels: int | None = None) -> None:
+        super().__init__()
+        inter = inter_channels or max(1, channels // 2)
+        self.theta = nn.Conv2d(channels, inter, 1)
+        self.phi = nn.Conv2d(channels, inter, 1)
+        self.g = nn.Conv2d(channels, inter, 1)
+        self.output = nn.Sequential(nn.Conv2d(inter, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        nn.init.zeros_(self.output[1].weight)
+        nn.init.zeros_(self.output[1].bias)
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        batch, _, height, width = feature_map.shape
+        queries = self.theta(feature_map).flatten(2).transpose(1, 2)  # [B, N, C']
+        keys = self.phi(feature_map).flatten(2)  # [B, C', N]
+        values = self.g(feature_map).flatten(2).transpose(1, 2)  # [B, N, C']
+        attention = torch.softmax(queries @ keys, dim=-1)  # [B, N, N]
+        context = (attention @ values).transpose(1, 2).reshape(batch, -1, height, width)
+        return feature_map + self.output(context)
+
+
+__all__ += ["NonLocalBlock2d", "SqueezeExcitation"]
+
+
+# =============================================================================================
+# Cross-attention fusion layer (ALBEF / LAIP fusion encoder: text queries, image keys/values)
+# =============================================================================================
+
+
+class CrossAttentionBlock(nn.Module):
+    """Multi-head cross-attention of text tokens to image tokens, BERT style (ALBEF's fusion layer).
+
+    ``queries`` ``[B, Lq, H]`` attend to ``keys_values`` ``[B, Lk, C]`` (C may differ from H: the
+    key/value projections map C to H); the result goes through an output projection, dropout and
+    a residual LayerNorm, as BERT's ``BertSelfOutput``. ``key_mask`` ``[B, Lk]`` (1/True = real)
+    gives padded keys exactly zero attention. With ``return_attention`` the post-softmax
+    attention probabilities ``[B, heads, Lq, Lk]`` are returned as they sit in the autograd graph
+    (before attention dropout), so a caller can take gradients with respect to them (LAIP's
+    backward attention, Grad-CAM on ALBEF).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        key_value_size: int | None = None,
+        num_heads: int = 12,
+        dropout: float = 0.1,
+        layer_norm_eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
+        key_value_size = hidden_size if key_value_size is None else key_value_size
+        self.num_heads = num_heads
+        self.head_size = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(key_value_size, hidden_size)
+        self.value = nn.Linear(key_value_size, hidden_size)
+        self.attention_dropout = nn.Dropout(dropout)
+        self.output = nn.Linear(hidden_size, hidden_size)
+        self.output_dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.reshape(*x.shape[:2], self.num_heads, self.head_size).transpose(1, 2)
+
+    def forward(
+        self,
+        queries: Tensor,
+        keys_values: Tensor,
+        key_mask: Tensor | None = None,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        q, k, v = self._heads(self.query(queries)), self._heads(self.key(keys_values)), self._heads(self.value(keys_values))
+        scores = (q @ k.transpose(-1, -2)) * self.head_size**-0.5  # [B, heads, Lq, Lk]
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+        probabilities = scores.softmax(dim=-1)
+        context = self.attention_dropout(probabilities) @ v
+        context = context.transpose(1, 2).reshape(queries.shape)
+        output = self.norm(self.output_dropout(self.output(context)) + queries)
+        return output, (probabilities if return_attention else None)
+
+
+__all__ += ["CrossAttentionBlock"]

@@ -1,0 +1,740 @@
+"""ISANet: image-specific information suppression and implicit local alignment (Yan et al. 2022).
+
+Reads like the paper (``isanet.md``; equation numbers in brackets):
+
+1. **Encoders** (Sec. III-A): an image backbone's last feature map ``F`` [C x H x W] (ResNet-50,
+   last stride 1, 384x128 -> 24x8x2048 at paper scale; EfficientNet-Lite0 offline) and a Bi-LSTM
+   over the training vocabulary with the two directions averaged [1] (``bilstm`` with
+   ``combine: mean``; a BERT-family encoder is an option). Word features must live in the same
+   ``C`` channels as the image (``W_s`` of eqs. 9 and 12 is shared): when the text encoder's
+   width differs from ``C`` a linear map ``text_to_channels`` brings it there (identity when equal,
+   as at paper scale with a 2048-wide Bi-LSTM).
+2. **Relation-guided localization** (RGL, [2]-[5]): :class:`RelationGuidedLocalization`.
+3. **Channel attention filtration** (CAF, [6]-[8]): :class:`ChannelAttentionFiltration`.
+4. **Implicit local alignment** (ILA, [9]-[14]): :class:`ImplicitLocalAlignment`.
+5. **Global alignment** (GA, [15]-[16]): FC then global max pooling for the image, global max
+   pooling then FC for the text.
+6. **Losses** [17]-[21]: identity loss on the global and each local feature, the bidirectional
+   triplet ranking loss with the weak supervision of another caption of the same identity,
+   and the identity-relevant content-consistency triplet around CAF.
+7. **Test similarity**: ``S = S_global + S_local``, both cosine. Every feature is computed per
+   image / per caption with no cross-modal interaction, so ``S`` is the inner product of the
+   concatenated unit vectors ``[g/|g|, l/|l|]`` (:func:`retrieval_vector`) and ISANet searches a
+   gallery as cheaply as a global model.
+
+How the paper's RGL dimensions are read (they do not close as printed)
+----------------------------------------------------------------------
+Eq. 2 gives ``W in R^{r2 x d/r1}`` ("an r2-dimensional relation vector"), the text after eq. 3
+``r_i in R^{NC/r1}`` and eq. 5 ``W_a in R^{C x (N/r1 + 1)C}``; with the paper's r1 = 32,
+r2 = 256, C = 2048, N = 192 these are three different sizes. r1, r2 and r3 are all called
+*scale factors* (dividers, like r3 in ILA's ``W^l_theta in R^{d_c/r3 x d_c}``), so we read:
+
+* ``x_theta = ReLU(BN(W_theta x))``, ``y_phi = ReLU(BN(W_phi y))`` in ``R^{C/r1}`` (64);
+* ``r(x, y) = ReLU(BN(W (x_theta - y_phi)))`` with ``W in R^{(C/r2) x (C/r1)}``: a relation
+  vector of ``R = C/r2`` (8) entries per pair (``relation_dim`` overrides it);
+* ``r_i = Concat_j r_{i,j} in R^{N R}`` (1,536), ``W_a in R^{C x (C + N R)}`` acting on
+  ``[f_i, r_i]``; ``W_a`` is position-specific (block ``j`` weights the relation to position
+  ``j``, as in RGA), so the module is built for one feature-map size (found from the image size).
+
+Memory: ``W`` is linear, so ``W(x_theta_i - y_phi_j) = u_i - w_j`` with ``u = W x_theta``,
+``w = W y_phi``: the ``N x N x C/r1`` difference tensor is never formed. The batch-norm statistics
+over all ``B N N`` pairs have a closed form in ``u`` and ``w`` (:func:`pair_difference_statistics`),
+so the ``N x N x R`` relation tensor is produced ``chunk_size`` query positions at a time and
+immediately contracted with ``W_a`` (activation checkpointing keeps the backward pass bounded too).
+The direct path (``chunk_size: 0``) materialises every pair and uses ``nn.BatchNorm1d``; the
+tests check the two agree.
+
+ILA reading: eq. 10's ``W^l in R^{d_c x d_c/r3}`` makes the assignment ``a_{i,j}`` a
+``d_c``-vector (the "detailed correspondence" of Sec. IV-C-3 that an inner product lacks), so
+eq. 11 is ``v_j = sum_i a_{i,j} (.) z_i`` channel-wise. The soft assignment is a softmax of the
+relation vectors over the K centres, per channel: it sums to 1 over K at every position / word.
+The relation function's linear maps and the centres are shared by both modalities (eqs. 10, 13);
+its batch norms keep per-modality statistics because images and captions are encoded in separate
+calls (one shared running average would mix two different distributions at test time).
+
+Ablation switches (Tables III-V), under ``model``:
+
+* ``global_alignment``: GA on, or off = the SSAN baseline's shared projection after max pooling;
+* ``local_alignment``: ILA on / off; ``ila.assignment``: ``relation`` (ours), ``inner_product``
+  (Table V "ILA (IP)"), ``netvlad`` (Table V "NetVLAD");
+* ``rgl.mode``: ``relation`` (RGL), ``non_local`` (Table IV "RGL -> Non-Local"), ``none``;
+* ``caf.mode``: ``caf``, ``instance_norm`` (Table IV "CAF -> IN"), ``none``;
+  ``losses.consistency: 0`` is Table IV "CAF (w/o L_cons)".
+
+Weak supervision (eq. 18): the partner caption ``t_bar_i`` is another caption of the same person
+in the batch (:func:`same_identity_partners`); use ``data.sampler: identity`` so one usually
+exists. A sample without a partner contributes nothing to the two weak-supervision terms; the
+terms are averaged over the samples that have one, and are 0 when none has. Losses are computed
+on the local batch (not all-gathered): partners are found from the batch's caption strings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from tbps.losses import IdentityLoss, bidirectional_ranking_loss, identity_mask, triplet_ranking_loss
+from tbps.models.attention import NonLocalBlock2d, SqueezeExcitation
+from tbps.models.backbones import create_image_backbone, create_text_backbone
+from tbps.models.backbones.common import option
+from tbps.models.backbones.text import BiLSTMText
+from tbps.models.base import Features, PersonSearchMethod, TextProcessor
+from tbps.models.registry import register_method
+
+RGL_MODES = ("relation", "non_local", "none")
+CAF_MODES = ("caf", "instance_norm", "none")
+ASSIGNMENTS = ("relation", "inner_product", "netvlad")
+
+
+# =============================================================================================
+# The relation function (eq. 2) and batch norm over all pairs without forming them
+# =============================================================================================
+
+
+def pair_difference_statistics(u: Tensor, w: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    """Mean and biased variance, per channel, of ``D[b, i, j] = u[b, i] - w[b, j]`` over all pairs.
+
+    ``u`` ``[B, N, R]``, ``w`` ``[B, M, R]`` or ``[M, R]`` (shared by the batch, e.g. ILA's
+    centres), ``mask`` ``[B, N]`` (1 for pairs whose ``i`` is real; padded words are left out).
+    Closed form, ``O(B (N + M) R)``: with ``n_b = sum_i mask``, ``U_b = sum_i mask u``,
+    ``Q_b = sum_i mask u^2`` and ``V_b``, ``P_b`` the sums of ``w`` and ``w^2`` over ``j``,
+    ``sum D = sum_b (M U_b - n_b V_b)`` and ``sum D^2 = sum_b (M Q_b - 2 U_b V_b + n_b P_b)``.
+    Returns ``(mean [R], variance [R], number of pairs)``; computed in float32 or wider.
+    """
+    u = u.float()
+    w = w.float()
+    if w.dim() == 2:
+        w = w.unsqueeze(0)
+    if mask is None:
+        mask = u.new_ones(u.shape[:2])
+    mask = mask.to(u.dtype).unsqueeze(-1)  # [B, N, 1]
+    num_y = w.shape[1]
+    count_x = mask.sum(dim=1)  # [B, 1]
+    sum_u, sum_u2 = (mask * u).sum(dim=1), (mask * u * u).sum(dim=1)  # [B, R]
+    sum_w, sum_w2 = w.sum(dim=1), (w * w).sum(dim=1)  # [B or 1, R]
+    pairs = count_x.sum() * num_y
+    total = (num_y * sum_u - count_x * sum_w).sum(dim=0)
+    total_sq = (num_y * sum_u2 - 2 * sum_u * sum_w + count_x * sum_w2).sum(dim=0)
+    mean = total / pairs.clamp(min=1)
+    variance = (total_sq / pairs.clamp(min=1) - mean * mean).clamp(min=0)
+    return mean, variance, int(pairs.item())
+
+
+class PairwiseRelation(nn.Module):
+    """Relation vector ``r(x, y) = ReLU(BN(W (x_theta - y_phi)))`` of eq. 2, for sets of pairs.
+
+    ``x_theta = ReLU(BN(W_theta x))``, ``y_phi = ReLU(BN(W_phi y))`` reduce ``in_dim`` to
+    ``reduced_dim``; ``W`` maps the difference to ``out_dim``. ``groups`` names independent sets
+    of batch-norm statistics (ILA: one for images, one for captions) sharing every linear map.
+
+    :meth:`embed` gives ``u = W x_theta`` and ``w = W y_phi`` (``W`` is linear, so
+    ``W(x_theta - y_phi) = u - w``); :meth:`pair_statistics` the batch norm's mean and variance
+    over all pairs (closed form in training, running averages in eval, updated like
+    ``nn.BatchNorm1d``); :meth:`relation_vectors` the normalised, rectified vectors of a block of
+    pairs. :meth:`direct` materialises every pair and applies ``nn.BatchNorm1d`` (the reference).
+    """
+
+    def __init__(self, in_dim: int, reduced_dim: int, out_dim: int, groups: Sequence[str] = ("default",)) -> None:
+        super().__init__()
+        self.theta = nn.Linear(in_dim, reduced_dim, bias=False)
+        self.phi = nn.Linear(in_dim, reduced_dim, bias=False)
+        self.relation = nn.Linear(reduced_dim, out_dim, bias=False)  # W
+        self.theta_norm = nn.ModuleDict({g: nn.BatchNorm1d(reduced_dim) for g in groups})
+        self.phi_norm = nn.ModuleDict({g: nn.BatchNorm1d(reduced_dim) for g in groups})
+        self.pair_norm = nn.ModuleDict({g: nn.BatchNorm1d(out_dim) for g in groups})
+        self.out_dim = out_dim
+
+    @staticmethod
+    def _norm_rows(norm: nn.BatchNorm1d, rows: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Batch norm over the leading dims of ``[..., D]``; masked rows neither count nor change."""
+        shape = rows.shape
+        flat = rows.reshape(-1, shape[-1])
+        if mask is None or not norm.training:
+            return norm(flat).reshape(shape)
+        keep = mask.reshape(-1).bool()
+        out = flat.new_zeros(flat.shape)
+        out[keep] = norm(flat[keep])
+        return out.reshape(shape)
+
+    def embed(self, x: Tensor, y: Tensor, group: str = "default", x_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(u = W x_theta, w = W y_phi)`` for ``x`` ``[B, N, in]`` and ``y`` ``[B, M, in]`` or ``[M, in]``."""
+        x_theta = F.relu(self._norm_rows(self.theta_norm[group], self.theta(x), x_mask))
+        y_phi = F.relu(self._norm_rows(self.phi_norm[group], self.phi(y)))
+        return self.relation(x_theta), self.relation(y_phi)
+
+    def pair_statistics(self, u: Tensor, w: Tensor, group: str = "default", mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The pair batch norm's ``(mean, variance)``: this batch's in training, running in eval."""
+        norm = self.pair_norm[group]
+        if not norm.training:
+            return norm.running_mean, norm.running_var
+        mean, variance, count = pair_difference_statistics(u, w, mask)
+        with torch.no_grad():  # exactly nn.BatchNorm1d's running-average update
+            momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked + 1)
+            unbiased = variance * count / max(1, count - 1)
+            norm.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+            norm.running_var.mul_(1 - momentum).add_(momentum * unbiased.detach())
+            norm.num_batches_tracked.add_(1)
+        return mean, variance
+
+    def relation_vectors(self, u: Tensor, w: Tensor, mean: Tensor, variance: Tensor, group: str = "default") -> Tensor:
+        """``ReLU(BN(u_i - w_j))`` for every ``i`` of ``u`` [B, n, R] and ``j`` of ``w`` -> ``[B, n, M, R]``."""
+        norm = self.pair_norm[group]
+        if w.dim() == 2:
+            w = w.unsqueeze(0)
+        scale = norm.weight * torch.rsqrt(variance.to(u.dtype) + norm.eps)
+        shift = norm.bias - mean.to(u.dtype) * scale
+        # (u_i - w_j) * scale + shift = (u_i * scale + shift) - w_j * scale: one broadcast subtraction.
+        return F.relu((u * scale + shift).unsqueeze(2) - (w * scale).unsqueeze(1))
+
+    def direct(self, x: Tensor, y: Tensor, group: str = "default", x_mask: Tensor | None = None) -> Tensor:
+        """Reference path: every ``x_theta_i - y_phi_j`` formed, then ``W``, ``nn.BatchNorm1d``, ReLU."""
+        x_theta = F.relu(self._norm_rows(self.theta_norm[group], self.theta(x), x_mask))
+        y_phi = F.relu(self._norm_rows(self.phi_norm[group], self.phi(y)))
+        if y_phi.dim() == 2:
+            y_phi = y_phi.unsqueeze(0).expand(x.shape[0], -1, -1)
+        difference = x_theta.unsqueeze(2) - y_phi.unsqueeze(1)  # [B, N, M, reduced]
+        pair_mask = None if x_mask is None else x_mask.unsqueeze(2).expand(-1, -1, y_phi.shape[1])
+        return F.relu(self._norm_rows(self.pair_norm[group], self.relation(difference), pair_mask))
+
+
+# =============================================================================================
+# Relation-guided localization, eqs. 2-5
+# =============================================================================================
+
+
+class RelationGuidedLocalization(nn.Module):
+    """RGL (eqs. 2-5, Fig. 3): per-position, per-channel attention from the feature and its global relation vector.
+
+    For position ``i``: ``r_{i,j} = r(f_i, f_j)`` for every ``j`` (eq. 4), ``r_i = Concat_j r_{i,j}``
+    (eq. 3), ``a_i = Sigmoid(BN(W_a [f_i, r_i]))`` in ``R^C`` (eq. 5), ``F~ = A (.) F``. See the
+    module docstring for the dimension reading (``r_{i,j}`` in ``R^{C/r2}``).
+
+    ``chunk_size`` query positions are processed at a time (0: the direct path over all pairs);
+    ``use_checkpoint`` recomputes each chunk in the backward pass so only one chunk of the
+    ``[B, chunk, N, R]`` relation tensor is alive at any time.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_positions: int,
+        theta_reduction: int = 32,
+        relation_dim: int = 8,
+        chunk_size: int = 32,
+        use_checkpoint: bool = True,
+    ) -> None:
+        super().__init__()
+        self.channels, self.num_positions, self.relation_dim = channels, num_positions, relation_dim
+        self.relation = PairwiseRelation(channels, max(1, channels // theta_reduction), relation_dim)
+        # W_a in R^{C x (C + N R)}: columns [:C] act on f_i, column block j of [C:] on r_{i,j}.
+        self.attention_projection = nn.Linear(channels + num_positions * relation_dim, channels, bias=False)
+        self.attention_norm = nn.BatchNorm1d(channels)
+        self.chunk_size = int(chunk_size)
+        self.use_checkpoint = bool(use_checkpoint)
+
+    def _relation_weight(self) -> Tensor:
+        return self.attention_projection.weight[:, self.channels :].reshape(self.channels, self.num_positions, self.relation_dim)
+
+    def _relation_term_direct(self, features: Tensor) -> Tensor:
+        relations = self.relation.direct(features, features)  # [B, N, N, R]
+        return torch.einsum("bijr,cjr->bic", relations, self._relation_weight())
+
+    def _relation_term_chunked(self, features: Tensor) -> Tensor:
+        u, w = self.relation.embed(features, features)
+        mean, variance = self.relation.pair_statistics(u, w)
+        weight = self._relation_weight()
+        relation = self.relation
+
+        def chunk_term(u_chunk: Tensor, w_all: Tensor, mean_: Tensor, variance_: Tensor, weight_: Tensor) -> Tensor:
+            vectors = relation.relation_vectors(u_chunk, w_all, mean_, variance_)  # [B, c, N, R]
+            return torch.einsum("bijr,cjr->bic", vectors, weight_)
+
+        pieces = []
+        for start in range(0, u.shape[1], self.chunk_size):
+            args = (u[:, start : start + self.chunk_size], w, mean, variance, weight)
+            if self.use_checkpoint and torch.is_grad_enabled():
+                pieces.append(checkpoint(chunk_term, *args, use_reentrant=False))
+            else:
+                pieces.append(chunk_term(*args))
+        return torch.cat(pieces, dim=1)
+
+    def attention(self, feature_map: Tensor) -> Tensor:
+        """The attention map ``A`` [B, C, H, W] of eq. 5."""
+        batch, channels, height, width = feature_map.shape
+        if height * width != self.num_positions or channels != self.channels:
+            raise ValueError(
+                f"RGL was built for {self.channels} channels x {self.num_positions} positions (W_a is position-specific), "
+                f"got a {channels} x {height} x {width} map; build the method with the image size it is fed"
+            )
+        features = feature_map.flatten(2).transpose(1, 2)  # [B, N, C]
+        if self.chunk_size > 0:
+            relation_term = self._relation_term_chunked(features)
+        else:
+            relation_term = self._relation_term_direct(features)
+        logits = F.linear(features, self.attention_projection.weight[:, : self.channels]) + relation_term
+        attention = torch.sigmoid(self.attention_norm(logits.reshape(-1, channels)).reshape(batch, -1, channels))
+        return attention.transpose(1, 2).reshape(batch, channels, height, width)
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        return feature_map * self.attention(feature_map)
+
+
+# =============================================================================================
+# Channel attention filtration, eqs. 6-8
+# =============================================================================================
+
+
+class ChannelAttentionFiltration(nn.Module):
+    """CAF (eqs. 6-8, Fig. 4): instance norm, then restitution of identity-relevant removed information.
+
+    ``F~_IN = IN(F~)`` with affine ``gamma, beta`` (eq. 6); ``R = F~ - F~_IN`` (eq. 7);
+    ``w_C = SE(R)`` squeeze-and-excitation channel weights (as in [37]); ``F^ = F~_IN + w_C (.) R + F~``
+    (eq. 8). ``mode="instance_norm"`` returns ``F~_IN`` (Table IV "CAF -> IN").
+    """
+
+    def __init__(self, channels: int, se_reduction: int = 16, mode: str = "caf") -> None:
+        super().__init__()
+        if mode not in ("caf", "instance_norm"):
+            raise ValueError(f"CAF mode must be caf or instance_norm, got {mode!r}")
+        self.mode = mode
+        self.instance_norm = nn.InstanceNorm2d(channels, affine=True)
+        self.channel_attention = SqueezeExcitation(channels, se_reduction) if mode == "caf" else None
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        normalized = self.instance_norm(feature_map)  # eq. 6
+        if self.channel_attention is None:
+            return normalized
+        removed = feature_map - normalized  # eq. 7
+        weights = self.channel_attention(removed)  # w_C [B, C, 1, 1]
+        return normalized + weights * removed + feature_map  # eq. 8
+
+
+# =============================================================================================
+# Implicit local alignment, eqs. 9-14
+# =============================================================================================
+
+
+class ImplicitLocalAlignment(nn.Module):
+    """ILA (eqs. 9-14): aggregate positions / words onto K learnable topic centres shared by both modalities.
+
+    ``Z = W_s Normalize(X)`` (eqs. 9, 12; ``W_s`` shared), soft assignment of every ``z_i`` to
+    every centre ``c_j`` (eqs. 10, 13), ``v_j = sum_i a_{i,j} (.) z_i`` (eqs. 11, 14).
+    Assignments (Table V):
+
+    * ``relation``: ``a_{i,j} = softmax_j(r(z_i, c_j))`` per channel, ``r`` the relation function of
+      eq. 2 with ``W^l in R^{d_c x d_c/r3}`` (a ``d_c``-vector per pair);
+    * ``inner_product``: ``a_{i,j} = softmax_j(z_i . c_j)`` (a scalar per pair);
+    * ``netvlad``: ``a_{i,j} = softmax_j(w_j . z_i + b_j)`` and ``v_j = sum_i a_{i,j} (z_i - c_j)``.
+
+    Masked positions (padding words) get zero assignment.
+    """
+
+    def __init__(self, channels: int, dim: int, num_centres: int = 6, reduction: int = 4, assignment: str = "relation") -> None:
+        super().__init__()
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"ILA assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
+        if num_centres < 1:
+            raise ValueError(f"the number of topic centres must be >= 1, got {num_centres}")
+        self.assignment = assignment
+        self.num_centres = num_centres
+        self.projection = nn.Linear(channels, dim)  # W_s, a 1x1 convolution
+        self.centres = nn.Parameter(torch.randn(num_centres, dim) / math.sqrt(dim))  # c_1..c_K
+        self.relation = (
+            PairwiseRelation(dim, max(1, dim // reduction), dim, groups=("image", "text")) if assignment == "relation" else None
+        )
+        self.netvlad_logits = nn.Linear(dim, num_centres) if assignment == "netvlad" else None
+
+    def project(self, features: Tensor) -> Tensor:
+        """``Z = W_s Normalize(X)`` for ``[B, N, C]`` features (eqs. 9, 12)."""
+        return self.projection(F.normalize(features, dim=-1))
+
+    def soft_assignment(self, projected: Tensor, modality: str, mask: Tensor | None = None) -> Tensor:
+        """``[B, N, K, d_c]`` (relation) or ``[B, N, K, 1]`` assignments, summing to 1 over K where valid."""
+        if self.num_centres == 1:
+            # A softmax over one centre is 1 everywhere (K = 1 is the global feature, Fig. 5);
+            # skipping the relation also avoids a batch norm over a single centre.
+            logits = projected.new_zeros(*projected.shape[:2], 1, 1)
+        elif self.assignment == "relation":
+            u, w = self.relation.embed(projected, self.centres, modality, mask)
+            mean, variance = self.relation.pair_statistics(u, w, modality, mask)
+            logits = self.relation.relation_vectors(u, w, mean, variance, modality)  # [B, N, K, d_c]
+        elif self.assignment == "inner_product":
+            logits = (projected @ self.centres.t()).unsqueeze(-1)
+        else:
+            logits = self.netvlad_logits(projected).unsqueeze(-1)
+        assignment = torch.softmax(logits, dim=2)
+        if mask is not None:
+            assignment = assignment * mask.to(assignment.dtype)[:, :, None, None]
+        return assignment
+
+    def forward(self, features: Tensor, modality: str, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(local features [B, K, d_c], assignment)`` for ``[B, N, C]`` features of one modality."""
+        projected = self.project(features)
+        assignment = self.soft_assignment(projected, modality, mask)
+        if self.assignment == "netvlad":
+            residuals = projected.unsqueeze(2) - self.centres  # [B, N, K, d_c]
+            return (assignment * residuals).sum(dim=1), assignment
+        return (assignment * projected.unsqueeze(2)).sum(dim=1), assignment
+
+
+# =============================================================================================
+# Weak supervision: another caption of the same identity (eq. 18)
+# =============================================================================================
+
+
+def same_identity_partners(person_ids: Tensor, captions: Sequence[str], image_ids: Tensor | None = None) -> Tensor:
+    """``partner[i]`` = index of another caption of the same person in the batch, or -1.
+
+    Candidates are samples ``j != i`` with the same person id and a different caption text
+    (whitespace- and case-insensitive: a duplicate caption is no new supervision). With
+    ``image_ids`` (when the batch carries them) a caption of another image is preferred, as the
+    paper's "text of another image with the same identity"; otherwise the partner may be the
+    second caption of the same image. Among candidates the first after ``i`` in cyclic batch order
+    is taken, so the choice is deterministic and spreads over a P x K identity group.
+    """
+    ids = person_ids.tolist()
+    images = image_ids.tolist() if image_ids is not None else None
+    normalized = [" ".join(caption.lower().split()) for caption in captions]
+    size = len(ids)
+    partners = []
+    for i in range(size):
+        candidates = [
+            (i + step) % size
+            for step in range(1, size)
+            if ids[(i + step) % size] == ids[i] and normalized[(i + step) % size] != normalized[i]
+        ]
+        if images is not None:
+            other_image = [j for j in candidates if images[j] != images[i]]
+            candidates = other_image or candidates
+        partners.append(candidates[0] if candidates else -1)
+    return torch.tensor(partners, dtype=torch.long, device=person_ids.device)
+
+
+def weak_supervision_ranking_loss(similarity: Tensor, partners: Tensor, labels: Tensor, margin: float) -> Tensor:
+    """The two weak-supervision terms of eq. 18 (before ``lambda_1``), mean over anchors with a partner.
+
+    ``similarity[i, j] = S(v_i, t_j)``; ``t_bar_i = t_{partners[i]}``. For anchor ``i``:
+    ``[a2 - S(v_i, t_bar_i) + S(v_i, t_n)]_+`` over texts ``t_n`` of other identities, and
+    ``[a2 - S(v_i, t_bar_i) + S(v_n, t_bar_i)]_+`` over images ``v_n`` of other identities, each
+    with the hardest negative. 0 when no sample has a partner.
+    """
+    anchors = (partners >= 0).nonzero(as_tuple=True)[0]
+    if anchors.numel() == 0:
+        return similarity.sum() * 0.0
+    partner = partners[anchors]
+    positive = similarity[anchors, partner]  # S(v_p, t_bar_p)
+    negatives = ~identity_mask(labels[anchors], labels)  # [A, B]
+    image_anchor = triplet_ranking_loss(positive, similarity[anchors], margin, negatives)  # term 3
+    partner_anchor = triplet_ranking_loss(positive, similarity[:, partner].t(), margin, negatives)  # term 4
+    return image_anchor + partner_anchor
+
+
+def cosine_matrix(rows: Tensor, columns: Tensor) -> Tensor:
+    return F.normalize(rows, dim=-1) @ F.normalize(columns, dim=-1).t()
+
+
+def retrieval_vector(features: Mapping[str, Tensor]) -> Tensor:
+    """``[g/|g|, l/|l|]``: its inner product between a caption and an image is ``S = S_g + S_l``."""
+    parts = [F.normalize(features["global"].float(), dim=-1)]
+    if "local" in features:
+        parts.append(F.normalize(features["local"].float(), dim=-1))
+    return torch.cat(parts, dim=-1)
+
+
+def _masked_max(tokens: Tensor, mask: Tensor) -> Tensor:
+    return tokens.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(dim=1)
+
+
+# =============================================================================================
+# The method
+# =============================================================================================
+
+
+@register_method("isanet")
+class ISANet(PersonSearchMethod):
+    description = "ISANet: relation-guided localization, channel attention filtration, implicit local alignment on shared topic centres"
+    has_fine_similarity = True  # S_global + S_local (still per-item vectors: see retrieval_vector)
+
+    def __init__(self, config: Any, num_classes: int, image_size: tuple[int, int] | None = None) -> None:
+        super().__init__(config, num_classes, image_size)
+        self.global_dim = int(option(config, "global_dim", 2048))  # d_g
+        self.local_dim = int(option(config, "local_dim", 512))  # d_c
+        self.max_text_length = int(option(config, "max_text_length", 100))  # L
+        self.vocabulary_size = option(config, "vocabulary_size", None)  # V (None: every word over min_count)
+        self.use_global_alignment = bool(option(config, "global_alignment", True))
+        self.use_local_alignment = bool(option(config, "local_alignment", True))
+        rgl_config, caf_config, ila_config = (option(config, key, {}) or {} for key in ("rgl", "caf", "ila"))
+        self.rgl_mode = str(option(rgl_config, "mode", "relation"))
+        self.caf_mode = str(option(caf_config, "mode", "caf"))
+        if self.rgl_mode not in RGL_MODES:
+            raise ValueError(f"model.rgl.mode must be one of {RGL_MODES}, got {self.rgl_mode!r}")
+        if self.caf_mode not in CAF_MODES:
+            raise ValueError(f"model.caf.mode must be one of {CAF_MODES}, got {self.caf_mode!r}")
+        losses = option(config, "losses", {}) or {}
+        self.id_weight = float(option(losses, "id", 1.0))
+        self.rank_weight = float(option(losses, "rank", 1.0))
+        self.weak_weight = float(option(losses, "weak", 0.1))  # lambda_1
+        self.consistency_weight = float(option(losses, "consistency", 1.0))  # lambda_2
+        self.rank_margin = float(option(losses, "rank_margin", 0.2))  # alpha_1
+        self.weak_margin = float(option(losses, "weak_margin", 0.2))  # alpha_2
+        self.consistency_margin = float(option(losses, "consistency_margin", 0.2))  # alpha_3
+
+        # ---- encoders
+        self.image_backbone = create_image_backbone(option(config, "image_backbone"), image_size=image_size)
+        self.text_backbone = create_text_backbone(option(config, "text_backbone"))
+        channels = self.image_backbone.out_channels
+        self.channels = channels
+        text_width = self.text_backbone.hidden_size
+        self.text_to_channels = nn.Identity() if text_width == channels else nn.Linear(text_width, channels)
+        self.feature_map_size = self._feature_map_size(image_size)
+
+        # ---- image-specific information suppression
+        if self.rgl_mode == "relation":
+            theta_reduction = int(option(rgl_config, "theta_reduction", 32))  # r1
+            relation_dim = option(rgl_config, "relation_dim", None)
+            relation_dim = int(relation_dim) if relation_dim else max(1, channels // int(option(rgl_config, "relation_reduction", 256)))  # C / r2
+            self.localization: nn.Module = RelationGuidedLocalization(
+                channels,
+                self.feature_map_size[0] * self.feature_map_size[1],
+                theta_reduction,
+                relation_dim,
+                chunk_size=int(option(rgl_config, "chunk_size", 32)),
+                use_checkpoint=bool(option(rgl_config, "checkpoint", True)),
+            )
+        elif self.rgl_mode == "non_local":
+            self.localization = NonLocalBlock2d(channels)
+        else:
+            self.localization = nn.Identity()
+        if self.caf_mode == "none":
+            self.filtration: nn.Module = nn.Identity()
+        else:
+            self.filtration = ChannelAttentionFiltration(channels, int(option(caf_config, "se_reduction", 16)), self.caf_mode)
+
+        # ---- global alignment (eqs. 15-16) or the baseline's shared projection
+        if not (self.use_global_alignment or self.use_local_alignment):
+            raise ValueError("at least one of model.global_alignment and model.local_alignment must be on")
+        if self.use_global_alignment:
+            self.image_global = nn.Linear(channels, self.global_dim)  # W_g^image, a 1x1 conv before GMP
+            self.text_global = nn.Linear(channels, self.global_dim)  # W_g^text, after GMP
+        else:
+            self.shared_global = nn.Linear(channels, self.global_dim)
+        # ---- implicit local alignment (eqs. 9-14)
+        self.num_centres = int(option(ila_config, "num_centres", 6))
+        self.local_alignment = (
+            ImplicitLocalAlignment(
+                channels,
+                self.local_dim,
+                self.num_centres,
+                int(option(ila_config, "reduction", 4)),  # r3
+                str(option(ila_config, "assignment", "relation")),
+            )
+            if self.use_local_alignment
+            else None
+        )
+        # ---- identity classifiers (eq. 17): one for the global feature, one per topic; each
+        # shared by images and captions so both modalities are pulled to the same class centres.
+        classes = max(self.num_classes, 1)
+        self.global_identity = IdentityLoss(self.global_dim, classes)
+        self.local_identity = (
+            nn.ModuleList([IdentityLoss(self.local_dim, classes) for _ in range(self.num_centres)]) if self.use_local_alignment else None
+        )
+
+    def _feature_map_size(self, image_size: tuple[int, int] | None) -> tuple[int, int]:
+        """Height and width of the backbone's last map for this image size (one dummy forward)."""
+        height, width = tuple(image_size) if image_size is not None else (384, 128)
+        was_training = self.image_backbone.training
+        self.image_backbone.eval()
+        with torch.no_grad():
+            feature_map = self.image_backbone(torch.zeros(1, 3, height, width)).feature_maps[-1]
+        self.image_backbone.train(was_training)
+        return int(feature_map.shape[2]), int(feature_map.shape[3])
+
+    # ------------------------------------------------------------------ text input
+    def fit_text(self, captions: Sequence[str]) -> None:
+        if isinstance(self.text_backbone, BiLSTMText):
+            from tbps.text.tokenizers import WordVocabulary
+
+            # The paper keeps words seen more than twice, capped at V (5,000 / 3,000).
+            vocabulary = WordVocabulary.build(
+                captions,
+                min_count=self.text_backbone.min_count,
+                max_size=int(self.vocabulary_size) if self.vocabulary_size else None,
+            )
+            self.text_backbone._set_vocabulary(vocabulary)
+        else:
+            self.text_backbone.fit(captions)
+
+    def build_text_processor(self) -> TextProcessor:
+        return self.text_backbone.build_processor(self.max_text_length)
+
+    # ------------------------------------------------------------------ image branch
+    def image_maps(self, images: Tensor) -> dict[str, Tensor]:
+        """``F`` (backbone), ``F~`` (after RGL) and ``F^`` (after CAF), each ``[B, C, H, W]``."""
+        backbone_map = self.image_backbone(images).feature_maps[-1]
+        localized = self.localization(backbone_map)
+        return {"backbone": backbone_map, "localized": localized, "filtered": self.filtration(localized)}
+
+    def _image_features(self, filtered: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        positions = filtered.flatten(2).transpose(1, 2)  # [B, N, C]
+        if self.use_global_alignment:
+            global_feature = self.image_global(positions).amax(dim=1)  # eq. 15: FC, then GMP
+        else:
+            global_feature = self.shared_global(positions.amax(dim=1))
+        if self.local_alignment is None:
+            return global_feature, None, None
+        local, assignment = self.local_alignment(positions, "image")
+        return global_feature, local, assignment
+
+    def encode_image(self, images: Tensor) -> Features:
+        global_feature, local, _ = self._image_features(self.image_maps(images)["filtered"])
+        features = {"global": global_feature}
+        if local is not None:
+            features["local"] = local.flatten(1)  # v^l in R^{K d_c}: the K topics concatenated
+        return features
+
+    # ------------------------------------------------------------------ text branch
+    def text_tokens(self, text: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``E^`` as ``[B, L, C]`` word features and their mask."""
+        output = self.text_backbone(text)
+        return self.text_to_channels(output.tokens), output.mask
+
+    def _text_features(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        pooled = _masked_max(tokens, mask)  # GMP over real words (padding is not a word)
+        global_feature = self.text_global(pooled) if self.use_global_alignment else self.shared_global(pooled)  # eq. 16
+        if self.local_alignment is None:
+            return global_feature, None, None
+        local, assignment = self.local_alignment(tokens, "text", mask)
+        return global_feature, local, assignment
+
+    def encode_text(self, text: Mapping[str, Tensor]) -> Features:
+        global_feature, local, _ = self._text_features(*self.text_tokens(text))
+        features = {"global": global_feature}
+        if local is not None:
+            features["local"] = local.flatten(1)
+        return features
+
+    # ------------------------------------------------------------------ visualisation
+    @torch.no_grad()
+    def explain_image(self, images: Tensor) -> dict[str, Tensor]:
+        """What to draw over an image: the RGL attention (channel mean of ``A``, [B, H, W]; ones
+        without RGL) and each topic centre's assignment over positions ([B, K, H, W], channel mean)."""
+        maps = self.image_maps(images)
+        backbone_map = maps["backbone"]
+        batch, _, height, width = backbone_map.shape
+        if isinstance(self.localization, RelationGuidedLocalization):
+            attention = self.localization.attention(backbone_map).mean(dim=1)
+        else:
+            attention = backbone_map.new_ones(batch, height, width)
+        result = {"rgl_attention": attention}
+        if self.local_alignment is not None:
+            _, _, assignment = self._image_features(maps["filtered"])
+            result["topic_assignment"] = assignment.mean(dim=-1).transpose(1, 2).reshape(batch, -1, height, width)
+        return result
+
+    @torch.no_grad()
+    def explain_text(self, text: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each topic centre's assignment over the words, ``[B, K, L]`` (channel mean; 0 on padding)."""
+        tokens, mask = self.text_tokens(text)
+        if self.local_alignment is None:
+            return {}
+        _, _, assignment = self._text_features(tokens, mask)
+        return {"topic_assignment": assignment.mean(dim=-1).transpose(1, 2)}
+
+    # ------------------------------------------------------------------ losses, eqs. 17-21
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        labels = batch["labels"]
+        maps = self.image_maps(batch["images"])
+        image_global, image_local, _ = self._image_features(maps["filtered"])
+        text_global, text_local, _ = self._text_features(*self.text_tokens(batch["text"]))
+        person_ids = batch.get("person_ids", labels)
+        partners = same_identity_partners(person_ids, batch["captions"], batch.get("image_ids"))
+        same_identity = identity_mask(labels)
+
+        losses: dict[str, Tensor] = {}
+        if self.id_weight:
+            # eq. 17: L_id = L_id^g + sum_k L_id^{l_k}, each on the image and the caption feature.
+            losses["id_global"] = self.id_weight * (
+                self.global_identity(image_global, labels) + self.global_identity(text_global, labels)
+            )
+            if image_local is not None:
+                losses["id_local"] = self.id_weight * sum(
+                    classifier(image_local[:, k], labels) + classifier(text_local[:, k], labels)
+                    for k, classifier in enumerate(self.local_identity)
+                )
+        # eqs. 18-19, for z = g and z = l (the concatenated topics).
+        scales = [("global", image_global, text_global)]
+        if image_local is not None:
+            scales.append(("local", image_local.flatten(1), text_local.flatten(1)))
+        for name, image_feature, text_feature in scales:
+            similarity = cosine_matrix(image_feature, text_feature)  # S[i, j] = S(v_i, t_j)
+            if self.rank_weight:
+                losses[f"rank_{name}"] = self.rank_weight * bidirectional_ranking_loss(
+                    similarity, same_identity, self.rank_margin, hardest=True
+                )
+            if self.rank_weight and self.weak_weight:
+                losses[f"rank_{name}_weak"] = (
+                    self.rank_weight
+                    * self.weak_weight
+                    * weak_supervision_ranking_loss(similarity, partners, labels, self.weak_margin)
+                )
+        # eq. 20: f~ = GAP(F~), f^ = GAP(F^), hardest in-batch negatives of another identity, both directions.
+        if self.consistency_weight and self.caf_mode == "caf":
+            before = maps["localized"].mean(dim=(2, 3))
+            after = maps["filtered"].mean(dim=(2, 3))
+            losses["consistency"] = self.consistency_weight * bidirectional_ranking_loss(
+                cosine_matrix(before, after), same_identity, self.consistency_margin, hardest=True
+            )
+        return losses
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The image backbone (and a pretrained BERT-family text encoder) at the backbone rate.
+
+        The paper trains the visual backbone at 1e-3 and "the rest of the network" at 1e-2; the
+        Bi-LSTM starts from random weights, so it belongs to the rest.
+        """
+        pretrained_text = not isinstance(self.text_backbone, BiLSTMText)
+        prefixes = ("image_backbone.", "text_backbone.") if pretrained_text else ("image_backbone.",)
+        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "new": []}
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                groups["backbone" if name.startswith(prefixes) else "new"].append(parameter)
+        return groups
+
+    # ------------------------------------------------------------------ test similarity
+    def similarity(self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor]) -> Tensor:
+        """``S = S_global + S_local`` by cosine, ``[texts x images]`` (S_global alone without ILA)."""
+        score = self.global_similarity(text_features, image_features)
+        if "local" in text_features and "local" in image_features:
+            score = score + cosine_matrix(text_features["local"].float(), image_features["local"].float())
+        return score
+
+    def score_candidates(
+        self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor], candidates: Tensor
+    ) -> Tensor:
+        """``S`` of text ``t`` with each of ``candidates[t]``, ``[texts x k]``, batched (no loop)."""
+        keys = ["global"] + (["local"] if "local" in text_features and "local" in image_features else [])
+        score = None
+        for key in keys:
+            text = F.normalize(text_features[key].float(), dim=-1)
+            image = F.normalize(image_features[key].float(), dim=-1)[candidates]  # [T, k, D]
+            part = torch.einsum("td,tkd->tk", text, image)
+            score = part if score is None else score + part
+        return score
+
+
+__all__ = [
+    "ChannelAttentionFiltration",
+    "ISANet",
+    "ImplicitLocalAlignment",
+    "PairwiseRelation",
+    "RelationGuidedLocalization",
+    "pair_difference_statistics",
+    "retrieval_vector",
+    "same_identity_partners",
+    "weak_supervision_ranking_loss",
+]

@@ -1,0 +1,503 @@
+"""ISANet (Yan et al. 2022): RGL (eqs. 2-5), CAF (eqs. 6-8), ILA (eqs. 9-14), GA (eqs. 15-16),
+losses (eqs. 17-21), weak-supervision pairing, similarity / two-stage scoring, ablation switches.
+
+Tiny randomly initialised models (EfficientNet-Lite0 with ``pretrained: false`` at 64x64, a small
+Bi-LSTM), data made here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tbps.methods.isanet import (
+    ChannelAttentionFiltration,
+    ImplicitLocalAlignment,
+    PairwiseRelation,
+    RelationGuidedLocalization,
+    pair_difference_statistics,
+    retrieval_vector,
+    same_identity_partners,
+    weak_supervision_ranking_loss,
+)
+from tbps.models.registry import create_method, list_methods
+
+IMAGE_SIZE = (64, 64)  # EfficientNet-Lite0 -> a 2 x 2 map
+CAPTIONS = [
+    "a man in a red shirt and blue jeans",
+    "the man wears a red shirt, jeans and black shoes",
+    "a woman in a long white dress",
+    "she wears a white dress and carries a bag",
+    "a boy with a green backpack",
+    "a boy in green carrying a backpack",
+]
+LABELS = torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tensors here are tiny: intra-op threads only add synchronisation (and spin on a busy CPU)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(**overrides):
+    config = {
+        "global_dim": 24,
+        "local_dim": 16,
+        "max_text_length": 16,
+        "image_backbone": {"name": "efficientnet_lite0", "pretrained": False},
+        "text_backbone": {"name": "bilstm", "embedding_dim": 12, "hidden_size": 20, "min_count": 1, "combine": "mean"},
+        "rgl": {"mode": "relation", "chunk_size": 3, "relation_reduction": 256},
+        "ila": {"num_centres": 3, "reduction": 4, "assignment": "relation"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def build(num_classes: int = 3, **overrides):
+    torch.manual_seed(0)
+    method = create_method("isanet", tiny_config(**overrides), num_classes=num_classes, image_size=IMAGE_SIZE)
+    method.fit_text(CAPTIONS)
+    return method
+
+
+def make_batch(method, captions=CAPTIONS, labels=LABELS):
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "images": torch.randn(len(captions), 3, *IMAGE_SIZE, generator=generator),
+        "text": method.build_text_processor()(captions),
+        "captions": list(captions),
+        "labels": labels,
+        "person_ids": labels + 100,
+    }
+
+
+@pytest.fixture(scope="module")
+def isanet():
+    return build()
+
+
+@pytest.fixture(scope="module")
+def batch(isanet):
+    return make_batch(isanet)
+
+
+# ------------------------------------------------------------------------------ registry, configs
+
+
+def test_registry_lists_isanet():
+    assert "isanet" in list_methods()
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "cuhk-pedes", "icfg-pedes", "rstpreid"])
+def test_configs_load_with_paper_hyper_parameters(dataset):
+    from tbps.config import load_config
+
+    config = load_config(f"isanet/{dataset}")
+    model = config.model
+    assert config.method == "isanet" and config.data.sampler == "identity"
+    losses = model.losses
+    assert (losses.weak, losses.consistency) == (0.1, 1.0)  # lambda_1, lambda_2 (eq. 21)
+    assert losses.rank_margin == losses.weak_margin == losses.consistency_margin == 0.2
+    assert model.ila.num_centres == 6 and model.ila.reduction == 4  # K, r3
+    assert (model.rgl.theta_reduction, model.rgl.relation_reduction) == (32, 256)  # r1, r2
+    assert model.text_backbone.name == "bilstm" and model.text_backbone.combine == "mean"
+    if dataset == "synthetic":
+        assert model.image_backbone.name == "efficientnet_lite0"
+    else:
+        assert list(config.data.image_size) == [384, 128] and config.data.batch_size == 64
+        assert model.image_backbone.name == "resnet50" and model.image_backbone.last_stride == 1
+        assert (model.global_dim, model.local_dim, model.max_text_length) == (2048, 512, 100)
+        assert model.text_backbone.hidden_size == 2048 and model.text_backbone.embedding_dim == 512
+        assert config.optim.optimizer == "adam" and config.optim.lr == pytest.approx(1e-2)
+        assert config.optim.lr * config.optim.backbone_lr_mult == pytest.approx(1e-3)
+        assert list(config.optim.milestones) == [30, 50] and config.optim.warmup_epochs == 10
+        assert config.trainer.max_epochs == 70
+    if dataset == "cuhk-pedes":
+        assert model.vocabulary_size == 5000
+    if dataset == "icfg-pedes":
+        assert model.vocabulary_size == 3000
+
+
+# ------------------------------------------------------------------------------ shapes
+
+
+def test_feature_shapes(isanet, batch):
+    isanet.train()
+    with torch.no_grad():
+        image = isanet.encode_image(batch["images"])
+        text = isanet.encode_text(batch["text"])
+    assert isanet.feature_map_size == (2, 2)
+    assert image["global"].shape == text["global"].shape == (6, 24)  # d_g
+    assert image["local"].shape == text["local"].shape == (6, 3 * 16)  # K d_c
+    maps = isanet.image_maps(batch["images"])
+    assert maps["backbone"].shape == maps["localized"].shape == maps["filtered"].shape == (6, 1280, 2, 2)
+    explained = isanet.explain_image(batch["images"])
+    assert explained["rgl_attention"].shape == (6, 2, 2)
+    assert explained["topic_assignment"].shape == (6, 3, 2, 2)
+    assert isanet.explain_text(batch["text"])["topic_assignment"].shape == (6, 3, 16)
+
+
+def test_text_encoder_averages_directions_and_vocabulary_is_capped():
+    method = build(vocabulary_size=6)
+    assert len(method.text_backbone.vocabulary) == 6  # <pad>, <unk> and the 4 most frequent words
+    assert method.text_backbone.combine == "mean" and method.text_backbone.hidden_size == 20
+    # parameter groups: only the image backbone gets the backbone rate; the random-init Bi-LSTM is "new"
+    groups = method.parameter_groups()
+    backbone_ids = {id(p) for p in groups["backbone"]}
+    assert all(id(p) in backbone_ids for p in method.image_backbone.parameters())
+    assert not any(id(p) in backbone_ids for p in method.text_backbone.parameters())
+
+
+# ------------------------------------------------------------------------------ RGL (eqs. 2-5)
+
+
+def test_pair_statistics_closed_form_matches_explicit_pairs():
+    torch.manual_seed(0)
+    u, w = torch.randn(3, 5, 4), torch.randn(3, 7, 4) * 2 + 1
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    mean, variance, count = pair_difference_statistics(u, w, mask)
+    pairs = (u.unsqueeze(2) - w.unsqueeze(1))[mask.bool()].reshape(-1, 4)  # [valid i x 7, 4]
+    assert count == pairs.shape[0] == 9 * 7
+    torch.testing.assert_close(mean, pairs.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(variance, pairs.var(0, unbiased=False), atol=1e-5, rtol=1e-5)
+    shared_mean, shared_variance, _ = pair_difference_statistics(u, w[0])  # [M, R]: shared by the batch
+    shared_pairs = (u.unsqueeze(2) - w[0]).reshape(-1, 4)
+    torch.testing.assert_close(shared_mean, shared_pairs.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared_variance, shared_pairs.var(0, unbiased=False), atol=1e-5, rtol=1e-5)
+
+
+def _rgl_pair(chunk_size: int):
+    torch.manual_seed(3)
+    module = RelationGuidedLocalization(channels=16, num_positions=12, theta_reduction=4, relation_dim=3, chunk_size=chunk_size)
+    return module
+
+
+def test_rgl_memory_bounded_path_equals_direct_path():
+    direct, chunked = _rgl_pair(0), _rgl_pair(5)
+    chunked.load_state_dict(direct.state_dict())
+    feature_map = torch.randn(2, 16, 4, 3)
+    outputs, grads = [], []
+    for module in (direct, chunked):
+        x = feature_map.clone().requires_grad_(True)
+        out = module(x)  # training mode: batch statistics over all B N N pairs
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        outputs.append(out.detach())
+        grads.append((x.grad, [p.grad for p in module.parameters()]))
+    assert outputs[0].shape == feature_map.shape  # F~ = A (.) F
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # nn.BatchNorm1d's running averages, updated the same way on both paths
+    pair_norm_direct = direct.relation.pair_norm["default"]
+    pair_norm_chunked = chunked.relation.pair_norm["default"]
+    torch.testing.assert_close(pair_norm_direct.running_mean, pair_norm_chunked.running_mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(pair_norm_direct.running_var, pair_norm_chunked.running_var, atol=1e-6, rtol=1e-5)
+    direct.eval(), chunked.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(direct(feature_map), chunked(feature_map), atol=1e-5, rtol=1e-4)
+
+
+def test_rgl_attention_is_per_position_and_channel_and_uses_relations():
+    module = _rgl_pair(4).eval()
+    feature_map = torch.randn(2, 16, 4, 3)
+    attention = module.attention(feature_map)
+    assert attention.shape == feature_map.shape and bool(((attention > 0) & (attention < 1)).all())  # sigmoid
+    torch.testing.assert_close(module(feature_map), feature_map * attention)
+    # W_a in R^{C x (C + N R)}: the relation block is position-specific, so moving one other
+    # position's feature changes the attention at position 0 through r_0.
+    changed = feature_map.clone()
+    changed[:, :, 3, 2] += 5.0
+    assert not torch.allclose(module.attention(changed)[:, :, 0, 0], attention[:, :, 0, 0])
+    with pytest.raises(ValueError, match="positions"):
+        module(torch.randn(1, 16, 5, 3))
+
+
+# ------------------------------------------------------------------------------ CAF (eqs. 6-8)
+
+
+def test_caf_matches_its_equations_on_a_hand_built_tensor():
+    caf = ChannelAttentionFiltration(channels=2, se_reduction=2)
+    with torch.no_grad():
+        caf.instance_norm.weight.copy_(torch.tensor([2.0, 1.0]))  # gamma
+        caf.instance_norm.bias.copy_(torch.tensor([0.5, 0.0]))  # beta
+        caf.channel_attention.reduce.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        caf.channel_attention.reduce.bias.zero_()
+        caf.channel_attention.expand.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        caf.channel_attention.expand.bias.zero_()
+    values = [[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 4.0, 4.0]]
+    feature_map = torch.tensor(values).reshape(1, 2, 2, 2)
+    gamma, beta, eps = [2.0, 1.0], [0.5, 0.0], 1e-5
+    expected_in, removed = [], []
+    for c, channel in enumerate(values):
+        mu = sum(channel) / 4
+        sigma = math.sqrt(sum((v - mu) ** 2 for v in channel) / 4 + eps)
+        normalized = [gamma[c] * (v - mu) / sigma + beta[c] for v in channel]  # eq. 6
+        expected_in.append(normalized)
+        removed.append([v - n for v, n in zip(channel, normalized)])  # eq. 7
+    hidden = max(0.0, sum(removed[0]) / 4)  # ReLU(W1 GAP(R)), W1 = [1, 0]
+    weights = [1 / (1 + math.exp(-hidden)), 1 / (1 + math.exp(hidden))]  # sigmoid(W2 h), W2 = [1, -1]
+    expected = [
+        [expected_in[c][k] + weights[c] * removed[c][k] + values[c][k] for k in range(4)] for c in range(2)
+    ]  # eq. 8: F^ = IN(F~) + w_C (.) R + F~
+    torch.testing.assert_close(caf(feature_map), torch.tensor(expected).reshape(1, 2, 2, 2), atol=1e-5, rtol=1e-5)
+    instance_only = ChannelAttentionFiltration(2, mode="instance_norm")
+    instance_only.instance_norm.load_state_dict(caf.instance_norm.state_dict())
+    torch.testing.assert_close(instance_only(feature_map), torch.tensor(expected_in).reshape(1, 2, 2, 2), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ ILA (eqs. 9-14)
+
+
+@pytest.mark.parametrize("assignment", ["relation", "inner_product", "netvlad"])
+def test_ila_soft_assignment_sums_to_one_over_centres(assignment):
+    torch.manual_seed(0)
+    ila = ImplicitLocalAlignment(channels=10, dim=8, num_centres=4, reduction=2, assignment=assignment)
+    image_positions = torch.randn(3, 6, 10)
+    words, mask = torch.randn(3, 5, 10), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    image_local, image_assignment = ila(image_positions, "image")
+    text_local, text_assignment = ila(words, "text", mask)
+    assert image_local.shape == text_local.shape == (3, 4, 8)
+    assert image_assignment.shape[:3] == (3, 6, 4) and text_assignment.shape[:3] == (3, 5, 4)
+    assert image_assignment.shape[3] == (8 if assignment == "relation" else 1)  # a vector per pair for the relation
+    torch.testing.assert_close(image_assignment.sum(dim=2), torch.ones_like(image_assignment.sum(dim=2)))
+    sums = text_assignment.sum(dim=2)
+    torch.testing.assert_close(sums[mask.bool()], torch.ones_like(sums[mask.bool()]))
+    assert bool((sums[~mask.bool()] == 0).all())  # padding words are assigned nowhere
+    projected = ila.project(image_positions)  # eq. 9: W_s Normalize(F)
+    torch.testing.assert_close(projected, ila.projection(F.normalize(image_positions, dim=-1)))
+    if assignment != "netvlad":  # eqs. 11 / 14: v_j = sum_i a_ij (.) z_i
+        torch.testing.assert_close(image_local, (image_assignment * projected.unsqueeze(2)).sum(1), atol=1e-6, rtol=1e-5)
+
+
+def test_ila_centres_and_relation_are_shared_by_both_modalities(isanet, batch):
+    ila = isanet.local_alignment
+    centres = [name for name, _ in isanet.named_parameters() if name.endswith("centres")]
+    assert centres == ["local_alignment.centres"]  # one set of K centres, used by images and captions
+    isanet.train()
+    isanet.zero_grad()
+    isanet.encode_image(batch["images"])["local"].square().sum().backward()
+    image_grads = {name: p.grad.clone() for name, p in ila.named_parameters() if p.grad is not None}
+    isanet.zero_grad()
+    isanet.encode_text(batch["text"])["local"].square().sum().backward()
+    text_grads = {name: p.grad.clone() for name, p in ila.named_parameters() if p.grad is not None}
+    shared = ["centres", "projection.weight", "relation.theta.weight", "relation.phi.weight", "relation.relation.weight"]
+    for name in shared:
+        assert image_grads[name].abs().sum() > 0 and text_grads[name].abs().sum() > 0, name
+    isanet.zero_grad()
+
+
+def test_ila_with_one_centre_is_a_global_sum():
+    ila = ImplicitLocalAlignment(channels=6, dim=5, num_centres=1)
+    positions = torch.randn(2, 4, 6)
+    local, assignment = ila(positions, "image")
+    torch.testing.assert_close(assignment, torch.ones_like(assignment))
+    torch.testing.assert_close(local[:, 0], ila.project(positions).sum(1))
+
+
+# ------------------------------------------------------------------------------ GA (eqs. 15-16)
+
+
+def test_global_alignment_pooling_order(isanet, batch):
+    isanet.train()
+    torch.manual_seed(0)
+    filtered = torch.randn(6, 1280, 2, 2)
+    image_global, _, _ = isanet._image_features(filtered)
+    positions = filtered.flatten(2).transpose(1, 2)
+    fc_then_max = isanet.image_global(positions).amax(dim=1)  # eq. 15
+    max_then_fc = isanet.image_global(positions.amax(dim=1))
+    torch.testing.assert_close(image_global, fc_then_max)
+    assert not torch.allclose(image_global, max_then_fc, atol=1e-3)
+    tokens, mask = isanet.text_tokens(batch["text"])
+    text_global, _, _ = isanet._text_features(tokens, mask)
+    real_max = torch.stack([tokens[b, : int(mask[b].sum())].amax(0) for b in range(len(tokens))])
+    torch.testing.assert_close(text_global, isanet.text_global(real_max))  # eq. 16: GMP over real words, then FC
+    assert not torch.allclose(text_global, isanet.text_global(tokens).masked_fill(~mask.bool()[..., None], -1e9).amax(1), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ losses (eqs. 17-21)
+
+
+def test_partners_share_identity_and_differ_from_the_paired_caption():
+    ids = torch.tensor([7, 7, 7, 3, 3, 9, 5, 5])
+    captions = ["a", "b", "c", "d", "  D ", "e", "f", "g"]
+    partners = same_identity_partners(ids, captions)
+    assert partners.tolist() == [1, 2, 0, -1, -1, -1, 7, 6]  # 3/4: same text; 5: alone
+    for i, j in enumerate(partners.tolist()):
+        if j >= 0:
+            assert j != i and ids[j] == ids[i] and captions[j] != captions[i]
+    # with image ids, a caption of another image of the same person is preferred
+    image_ids = torch.tensor([0, 0, 1, 2, 2, 3, 4, 5])
+    assert same_identity_partners(ids, captions, image_ids).tolist()[:2] == [2, 2]
+
+
+def _naive_eq18(similarity, labels, partners, margin1, margin2, weak_weight):
+    """Eq. 18 term by term, hardest negatives by explicit loops (rows images, columns texts)."""
+    size = len(labels)
+    terms = [0.0, 0.0]
+    for p in range(size):
+        negatives = [n for n in range(size) if labels[n] != labels[p]]
+        positive = similarity[p][p]
+        terms[0] += max(max(margin1 - positive + similarity[p][n], 0.0) for n in negatives)  # S(v_p, t_n)
+        terms[1] += max(max(margin1 - positive + similarity[n][p], 0.0) for n in negatives)  # S(v_n, t_p)
+    weak = [0.0, 0.0]
+    anchors = [p for p in range(size) if partners[p] >= 0]
+    for p in anchors:
+        negatives = [n for n in range(size) if labels[n] != labels[p]]
+        positive = similarity[p][partners[p]]  # S(v_p, t_bar_p)
+        weak[0] += max(max(margin2 - positive + similarity[p][n], 0.0) for n in negatives)
+        weak[1] += max(max(margin2 - positive + similarity[n][partners[p]], 0.0) for n in negatives)
+    strong = terms[0] / size + terms[1] / size
+    weak_total = (weak[0] + weak[1]) / len(anchors) if anchors else 0.0
+    return strong, weak_weight * weak_total
+
+
+def test_weak_supervision_loss_against_eq18():
+    torch.manual_seed(0)
+    similarity = torch.rand(6, 6) * 2 - 1
+    labels = LABELS.tolist()
+    partners = same_identity_partners(LABELS, CAPTIONS)
+    assert partners.tolist() == [1, 0, 3, 2, 5, 4]
+    _, expected_weak = _naive_eq18(similarity.tolist(), labels, partners.tolist(), 0.2, 0.3, 1.0)
+    assert weak_supervision_ranking_loss(similarity, partners, LABELS, 0.3).item() == pytest.approx(expected_weak, abs=1e-6)
+    none = torch.full((6,), -1)
+    assert weak_supervision_ranking_loss(similarity, none, LABELS, 0.3).item() == 0.0
+
+
+def test_forward_losses_are_named_weighted_and_follow_their_equations():
+    weights = {"id": 2.0, "rank": 3.0, "weak": 0.5, "consistency": 0.7, "rank_margin": 0.3, "weak_margin": 0.4, "consistency_margin": 1.5}  # 1.5: every hinge active
+    method = build(losses=weights)
+    batch = make_batch(method)
+    method.train()
+    torch.manual_seed(5)
+    losses = method(batch)
+    assert set(losses) == {"id_global", "id_local", "rank_global", "rank_global_weak", "rank_local", "rank_local_weak", "consistency"}
+    # Recompute the features with the same random stream (EfficientNet drop-connect) and each term by hand.
+    torch.manual_seed(5)
+    with torch.no_grad():
+        maps = method.image_maps(batch["images"])
+        image_global, image_local, _ = method._image_features(maps["filtered"])
+        text_global, text_local, _ = method._text_features(*method.text_tokens(batch["text"]))
+    labels = LABELS.tolist()
+    id_global = F.cross_entropy(method.global_identity.logits(image_global), LABELS) + F.cross_entropy(
+        method.global_identity.logits(text_global), LABELS
+    )
+    id_local = sum(
+        F.cross_entropy(c.logits(image_local[:, k]), LABELS) + F.cross_entropy(c.logits(text_local[:, k]), LABELS)
+        for k, c in enumerate(method.local_identity)
+    )  # eq. 17: global + sum over the K local features
+    assert losses["id_global"].item() == pytest.approx(2.0 * id_global.item(), rel=1e-4)
+    assert losses["id_local"].item() == pytest.approx(2.0 * id_local.item(), rel=1e-4)
+    partners = same_identity_partners(batch["person_ids"], batch["captions"]).tolist()
+    for name, image, text in (("global", image_global, text_global), ("local", image_local.flatten(1), text_local.flatten(1))):
+        similarity = (F.normalize(image, dim=1) @ F.normalize(text, dim=1).t()).tolist()
+        strong, weak = _naive_eq18(similarity, labels, partners, 0.3, 0.4, 0.5)
+        assert losses[f"rank_{name}"].item() == pytest.approx(3.0 * strong, rel=1e-4, abs=1e-6)
+        assert losses[f"rank_{name}_weak"].item() == pytest.approx(3.0 * weak, rel=1e-4, abs=1e-6)
+    # eq. 20 with f~ = GAP(F~), f^ = GAP(F^) and the hardest negatives of other identities
+    before = F.normalize(maps["localized"].mean(dim=(2, 3)), dim=1)
+    after = F.normalize(maps["filtered"].mean(dim=(2, 3)), dim=1)
+    cos = (before @ after.t()).tolist()
+    expected = 0.0
+    for i in range(6):
+        negatives = [n for n in range(6) if labels[n] != labels[i]]
+        expected += max(max(1.5 - cos[i][i] + cos[i][n], 0.0) for n in negatives) / 6  # S(f~, f^_n)
+        expected += max(max(1.5 - cos[i][i] + cos[n][i], 0.0) for n in negatives) / 6  # S(f~_n, f^)
+    assert expected > 0
+    assert losses["consistency"].item() == pytest.approx(0.7 * expected, rel=1e-4, abs=1e-6)
+
+
+def test_gradients_reach_every_module(isanet, batch):
+    isanet.train()
+    isanet.zero_grad()
+    torch.manual_seed(0)
+    losses = isanet(batch)
+    torch.stack(list(losses.values())).sum().backward()
+    missing = [name for name, p in isanet.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    for module_name in ("image_backbone", "text_backbone", "text_to_channels", "localization", "filtration", "image_global", "text_global", "local_alignment", "global_identity", "local_identity"):
+        module = getattr(isanet, module_name)
+        total = sum(float(p.grad.abs().sum()) for p in module.parameters())
+        assert total > 0, module_name
+    isanet.zero_grad()
+
+
+def test_a_few_training_steps_reduce_the_loss():
+    method = build()
+    batch = make_batch(method)
+    method.train()
+    optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
+    history = []
+    for _ in range(5):
+        torch.manual_seed(0)  # the same drop-connect draw each step: only the weights change
+        total = torch.stack(list(method(batch).values())).sum()
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append(total.item())
+    assert all(math.isfinite(v) for v in history)
+    assert history[-1] < history[0]
+
+
+# ------------------------------------------------------------------------------ similarity
+
+
+def test_similarity_equals_score_candidates_and_retrieval_vector(isanet):
+    torch.manual_seed(0)
+    texts = {"global": torch.randn(5, 24), "local": torch.randn(5, 48)}
+    images = {"global": torch.randn(7, 24), "local": torch.randn(7, 48)}
+    full = isanet.similarity(texts, images)
+    expected = F.normalize(texts["global"], dim=1) @ F.normalize(images["global"], dim=1).t() + F.normalize(
+        texts["local"], dim=1
+    ) @ F.normalize(images["local"], dim=1).t()  # S = S_g + S_l
+    torch.testing.assert_close(full, expected)
+    candidates = torch.tensor([[0, 3, 6], [1, 1, 2], [6, 5, 4], [2, 0, 1], [3, 4, 5]])
+    torch.testing.assert_close(isanet.score_candidates(texts, images, candidates), full.gather(1, candidates))
+    torch.testing.assert_close(retrieval_vector(texts) @ retrieval_vector(images).t(), full)
+
+
+# ------------------------------------------------------------------------------ ablations
+
+
+@pytest.mark.parametrize(
+    "overrides, absent",
+    [
+        ({"rgl": {"mode": "non_local"}}, set()),
+        ({"rgl": {"mode": "none"}, "caf": {"mode": "none"}}, {"consistency"}),
+        ({"caf": {"mode": "instance_norm"}}, {"consistency"}),
+        ({"losses": {"consistency": 0.0}}, {"consistency"}),
+        ({"ila": {"assignment": "inner_product"}}, set()),
+        ({"ila": {"assignment": "netvlad"}}, set()),
+        ({"global_alignment": False}, set()),
+        ({"local_alignment": False}, {"id_local", "rank_local", "rank_local_weak"}),
+    ],
+)
+def test_ablation_switches_run(overrides, absent):
+    method = build(**overrides)
+    batch = make_batch(method)
+    method.train()
+    losses = method(batch)
+    expected = {"id_global", "id_local", "rank_global", "rank_global_weak", "rank_local", "rank_local_weak", "consistency"} - absent
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        features = method.encode_image(batch["images"])
+    assert ("local" in features) == (method.local_alignment is not None)
+
+
+def test_invalid_switches_are_rejected():
+    with pytest.raises(ValueError, match="global_alignment"):
+        build(global_alignment=False, local_alignment=False)
+    with pytest.raises(ValueError, match="rgl.mode"):
+        build(rgl={"mode": "cbam"})

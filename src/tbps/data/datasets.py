@@ -54,6 +54,7 @@ class CaptionPairs(Dataset):
             "caption": record.captions[caption_index],
             "label": self.labels[record.person_id],
             "person_id": record.person_id,
+            "image_id": record_index,  # which image a caption belongs to (several captions share one)
             "index": index,
         }
 
@@ -110,6 +111,8 @@ class Collate:
         }
         if "image" in items[0]:
             batch["images"] = torch.stack([item["image"] for item in items])
+        if "image_id" in items[0]:
+            batch["image_ids"] = torch.tensor([item["image_id"] for item in items])
         if "label" in items[0]:
             batch["labels"] = torch.tensor([item["label"] for item in items])
         if "caption" in items[0]:

@@ -54,6 +54,7 @@ class PersonSearchModule(L.LightningModule):
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
+        self.method.set_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

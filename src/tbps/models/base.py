@@ -125,6 +125,9 @@ class PersonSearchMethod(nn.Module, metaclass=abc.ABCMeta):
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Return the named, weighted training losses for one batch."""
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the engine at the start of every training epoch (for staged schedules)."""
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Split trainable parameters into pretrained-backbone and new layers."""
         groups: dict[str, list[nn.Parameter]] = {"backbone": [], "new": []}

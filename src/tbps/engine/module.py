@@ -47,14 +47,19 @@ class PersonSearchModule(L.LightningModule):
         self.method.train()
 
     def on_train_epoch_start(self) -> None:
-        # Re-seed model-side randomness (dropout, drop-connect) from (seed, epoch): a run resumed
-        # at an epoch boundary draws the same numbers as an uninterrupted one. Data-side randomness
-        # already derives from (seed, epoch, index) in the dataset.
-        seed = int(self.config["seed"]) * 100_003 + self.current_epoch + 1000 * self.global_rank
+        self.method.set_epoch(self.current_epoch)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Model-side randomness (dropout, drop-connect, sampling inside a method) is re-seeded
+        # from (seed, epoch, batch, rank) before every batch, so a run resumed from a checkpoint draws
+        # exactly what an uninterrupted one draws, whatever Lightning consumed in between.
+        # Data-side randomness already derives from (seed, epoch, index) in the dataset.
+        # (Lightning's global_step still reads 0 at the first batch after a restore, so the
+        # epoch and batch index are used instead.)
+        seed = int(np.random.SeedSequence([int(self.config["seed"]), self.current_epoch, batch_idx, self.global_rank]).generate_state(1)[0])
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-        self.method.set_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

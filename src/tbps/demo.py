@@ -57,7 +57,7 @@ def sample_retrievals(result: dict, records: list, queries: int = 6, seed: int =
     return retrievals
 
 
-def run_demo(out: str | Path = "tbps-demo", *, identities: int = 500, epochs: int = 5, seed: int = 0, extra_overrides: list[str] | None = None) -> Path:
+def run_demo(out: str | Path = "tbps-demo", *, identities: int = 500, epochs: int = 6, seed: int = 0, extra_overrides: list[str] | None = None) -> Path:
     out = Path(out)
     data_root = out / "data"
     ensure_synthetic(data_root, identities, seed)

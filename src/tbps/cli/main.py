@@ -148,7 +148,7 @@ def eval_command(
 def demo_command(
     out: Path = typer.Option(Path("tbps-demo"), help="where data, runs and the report go"),
     identities: int = typer.Option(500, help="identities in the synthetic benchmark"),
-    epochs: int = typer.Option(5, help="training epochs (shorter: 2, longer: 10)"),
+    epochs: int = typer.Option(6, help="training epochs (shorter: 2, longer: 10)"),
     seed: int = typer.Option(0),
     quick: bool = typer.Option(False, help="a one-minute smoke run (120 identities, 1 epoch)"),
 ) -> None:

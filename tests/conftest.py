@@ -12,6 +12,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for modules of tiny tensors: more threads only add synchronisation
+    (and spin on a busy CPU). Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 40-identity synthetic benchmark in the CUHK-PEDES format, small images."""

@@ -37,13 +37,8 @@ CAPTIONS = [
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tensors here are tiny: intra-op threads only add synchronisation (and spin on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tensors here are tiny: intra-op threads only add synchronisation (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_config(**overrides):

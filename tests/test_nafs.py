@@ -70,13 +70,8 @@ def make_batch(method, captions=CAPTIONS, labels=LABELS):
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tensors here are tiny: intra-op threads only add synchronisation (and spin on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tensors here are tiny: intra-op threads only add synchronisation (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -506,3 +506,12 @@ def test_a_few_training_steps_reduce_the_loss(batch):
         optimizer.step()
         history.append(float(total.detach()))
     assert history[-1] < history[0], history
+
+
+def test_explain_lays_phrase_attention_on_the_six_parts(acsa):
+    acsa.eval()
+    phrases, maps = acsa.explain(torch.randn(3, *IMAGE_SIZE), CAPTIONS[0])
+    assert phrases and maps.shape == (len(phrases), 6, 1)
+    assert (maps >= 0).all()
+    # alpha' sums to 1 over the visual entities and each entity spreads its weight over its parts.
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), torch.ones(len(phrases)))

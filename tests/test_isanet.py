@@ -496,3 +496,14 @@ def test_invalid_switches_are_rejected():
         build(global_alignment=False, local_alignment=False)
     with pytest.raises(ValueError, match="rgl.mode"):
         build(rgl={"mode": "cbam"})
+
+
+def test_explain_mixes_topic_maps_by_each_phrases_topics(isanet):
+    caption = CAPTIONS[0]
+    isanet.train()
+    phrases, maps = isanet.explain(torch.randn(3, *IMAGE_SIZE), caption)
+    assert phrases[0] == caption and len(phrases) >= 2
+    grid = isanet.explain_image(torch.randn(1, 3, *IMAGE_SIZE))["rgl_attention"].shape[-2:]
+    assert maps.shape == (len(phrases), *grid)
+    assert (maps >= 0).all() and torch.isfinite(maps).all()
+    assert isanet.training  # the caller's mode is restored

@@ -488,3 +488,12 @@ def test_attention_mode_ablations_and_figure7_maps(fresh_state, batch):
     for weights in maps.values():
         assert weights.shape == (2, 2, 1) and (weights >= 0).all()
         assert torch.allclose(weights.sum(dim=(1, 2)), torch.ones(2), atol=1e-5)
+
+
+def test_explain_returns_bidirectional_phrase_maps(laip):
+    laip.train()
+    phrases, maps = laip.explain(torch.randn(3, *IMAGE_SIZE), "a man in a red shirt and black shoes")
+    assert phrases and maps.shape[0] == len(phrases) and maps.dim() == 3
+    assert (maps >= 0).all()
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), torch.ones(len(phrases)))
+    assert laip.training  # the caller's mode is restored

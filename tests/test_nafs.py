@@ -572,3 +572,15 @@ def test_training_step_reaches_every_branch_and_reduces_the_loss(batch):
     with torch.no_grad():
         after = total_loss().item()
     assert math.isfinite(after) and after < before
+
+
+def test_explain_lays_sentence_and_sub_sentence_attention_on_rows(nafs):
+    caption = "a man wears a blue shirt, black pants and white shoes. he carries a bag."
+    nafs.train()
+    texts, maps = nafs.explain(torch.randn(3, *IMAGE_SIZE), caption)
+    assert texts[0] == caption and "a man wears a blue shirt" in texts
+    assert maps.shape == (len(texts), nafs.region_stripes * nafs.patch_stripes, 1)
+    assert (maps >= 0).all()
+    # alpha' sums to 1 over the image features, and each feature spreads its weight over its rows.
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), torch.ones(len(texts)))
+    assert nafs.training  # the caller's mode is restored

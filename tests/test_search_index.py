@@ -265,6 +265,26 @@ def test_explain_maps_phrases_to_regions(search_index: Path) -> None:
     assert image.format == "PNG" and image.width > image.height
 
 
+def test_explain_uses_the_methods_own_attention_when_it_has_one(search_index: Path, monkeypatch) -> None:
+    import torch
+
+    searcher = Searcher.open(search_index)
+    text = "a man in a blue jacket with a black backpack"
+    hit = searcher.search(text, k=1)[0]
+    calls = []
+
+    def attention(image, query):
+        calls.append((tuple(image.shape), query))
+        return ["a blue jacket", "a black backpack"], torch.tensor([[[0.0, 2.0], [1.0, 0.0]], [[0.5, 0.5], [0.0, 0.0]]])
+
+    monkeypatch.setattr(searcher.method, "explain", attention)
+    explanation = searcher.explain(hit, text)
+    assert calls and calls[0][1] == text and len(calls[0][0]) == 3  # one normalised image
+    assert explanation.phrases == ["a blue jacket", "a black backpack"]
+    np.testing.assert_allclose(explanation.maps, [[[0.0, 1.0], [0.5, 0.0]], [[1.0, 1.0], [0.0, 0.0]]])
+    np.testing.assert_allclose(explanation.drops[0], [[0.0, 2.0], [1.0, 0.0]])
+
+
 def test_faiss_kinds_by_size_and_approximate_recall() -> None:
     assert choose_index_kind(1_000) == "flat"
     assert choose_index_kind(500_000) == "hnsw"
@@ -284,3 +304,43 @@ def test_faiss_kinds_by_size_and_approximate_recall() -> None:
         _, found = index.search(queries, 10)
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found)])
         assert recall > 0.8, (kind, recall)
+
+
+def test_local_features_are_stored_fp16_memory_mapped_and_used_for_two_stage(tmp_path: Path, tiny_synthetic: Path) -> None:
+    """A method with local features (ISANet): they go to fp16 memory-mapped files and two-stage
+    search re-scores candidates with them, as the method's own similarity does."""
+    from tbps.config import load_config
+    from tbps.engine.module import PersonSearchModule
+    from tbps.search.index import scan_folder
+
+    config = load_config(
+        "isanet/synthetic",
+        ["data.image_size=[64,64]", "model.text_backbone.hidden_size=32", "model.text_backbone.embedding_dim=16",
+         "model.image_backbone.pretrained=false", "model.text_backbone.min_count=1"],
+    )
+    torch.manual_seed(0)
+    module = PersonSearchModule(config, num_classes=4)
+    module.method.fit_text(["a man in a red shirt", "a woman with a black bag and blue jeans"])
+    checkpoint = tmp_path / "isanet.ckpt"
+    torch.save(
+        {"state_dict": module.state_dict(), "epoch": 0,
+         "tbps": {"format": 1, "method": "isanet", "config": module.config, "num_classes": 4, "label_map": {}}},
+        checkpoint,
+    )
+    images = tmp_path / "gallery"
+    shutil.copytree(tiny_synthetic / "imgs", images)
+    sources = scan_folder(images)[:24]
+    build_index(checkpoint, sources, tmp_path / "isanet.idx")
+
+    searcher = Searcher.open(tmp_path / "isanet.idx")
+    assert searcher.index.local, "ISANet's local features were not stored"
+    for values in searcher.index.local.values():
+        assert values.dtype == np.float16 and isinstance(values, np.memmap)
+    text = "a woman with a black bag"
+    hits = searcher.search(text, k=5, rerank="two-stage", candidates=10)
+    # The re-scored order equals the method's own similarity on the (fp16-stored) features.
+    text_features = searcher.encode_text([text])
+    image_features = {key: torch.from_numpy(np.asarray(v[[h.id for h in hits]], dtype=np.float32))
+                      for key, v in {"global": searcher.index.vectors, **searcher.index.local}.items()}
+    direct = searcher.method.similarity(text_features, image_features)[0]
+    np.testing.assert_allclose([h.score for h in hits], direct.numpy(), rtol=1e-4, atol=1e-4)

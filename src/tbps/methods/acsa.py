@@ -548,6 +548,20 @@ class ACSA(PersonSearchMethod):
         result["attended"] = [result["image_labels"][int(i)] for i in result["text_to_image"].argmax(dim=1)]
         return result
 
+    def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
+        """Each noun phrase's ACAM attention over the visual entities (alpha', eq. 9), laid out on
+        the image's six horizontal parts: a region's weight spreads evenly over its parts, the
+        global entity's over all six. Maps are [phrases x 6 x 1] (rows are parts)."""
+        result = self.explain_pair(image, text)
+        parts_of = dict(self.region_groups)
+        layout = torch.zeros(len(result["image_labels"]), NUM_PARTS)
+        for row, entity in enumerate(result["image_labels"]):
+            parts = parts_of.get(entity, tuple(range(NUM_PARTS)))  # "global": the whole body
+            layout[row, list(parts)] = 1.0 / len(parts)
+        maps = result["text_to_image"].float().cpu() @ layout  # [phrases x parts]
+        labels = list(result["text_labels"])[: maps.shape[0]]
+        return labels, maps.unsqueeze(-1)
+
 
 def format_phrase_attention(result: Mapping[str, Any]) -> str:
     """A text table of :meth:`ACSA.explain_pair`: one row per phrase, its ``alpha'`` per visual entity."""

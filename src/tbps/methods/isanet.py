@@ -645,6 +645,31 @@ class ISANet(PersonSearchMethod):
         _, _, assignment = self._text_features(tokens, mask)
         return {"topic_assignment": assignment.mean(dim=-1).transpose(1, 2)}
 
+    def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
+        """Where each noun phrase of ``text`` lands, through the shared topic centres of ILA:
+        a phrase's words give weights over the K topics (eq. 10 assignments, averaged over its
+        words), and the phrase map is the topic maps of the image mixed by those weights, times
+        the RGL attention. Maps are [phrases x H x W] on the feature-map grid."""
+        if self.local_alignment is None:
+            return None
+        from tbps.text.phrases import NounPhraseExtractor
+
+        phrases = [text, *[p for p in NounPhraseExtractor().extract(text, max_phrases=6) if p != text]]
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            with torch.no_grad():
+                image_result = self.explain_image(image.unsqueeze(0).to(device))
+                text_batch = {k: v.to(device) for k, v in self.build_text_processor()(phrases).items()}
+                word_topics = self.explain_text(text_batch)["topic_assignment"]  # [P, K, L]
+        finally:
+            self.train(was_training)
+        topic_weights = word_topics.sum(dim=-1)
+        topic_weights = topic_weights / topic_weights.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+        maps = torch.einsum("pk,khw->phw", topic_weights, image_result["topic_assignment"][0])
+        return phrases, (maps * image_result["rgl_attention"][0]).float().cpu()
+
     # ------------------------------------------------------------------ losses, eqs. 17-21
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         labels = batch["labels"]

@@ -820,6 +820,19 @@ class LAIP(PersonSearchMethod):
         maps = {mode: combine_attention(stream["forward"], stream["backward"], mode).detach() for mode in ATTENTION_MODES}
         return {mode: weights.reshape(-1, *grid) for mode, weights in maps.items()}
 
+    def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
+        """Bidirectional attention (forward x backward) of each noun phrase of ``text`` over the
+        patch grid, as in the paper's Fig. 7."""
+        phrases = self.build_text_processor().extractor.extract(text, max_phrases=self.max_phrases) or [text.strip()]
+        was_training = self.training
+        self.eval()
+        try:
+            images = image.unsqueeze(0).expand(len(phrases), *image.shape).to(next(self.parameters()).device)
+            maps = self.phrase_attention_maps(images, phrases)["bidirectional"]
+        finally:
+            self.train(was_training)
+        return list(phrases), maps.float().cpu()
+
 
 __all__ = [
     "LAIP",

@@ -712,6 +712,40 @@ class NAFS(PersonSearchMethod):
             "image_labels": image_labels,
         }
 
+    def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
+        """The sentence's and each sub-sentence's non-local attention (alpha') over the global,
+        region and patch features, laid out on horizontal rows of the image: a stripe's weight
+        covers its rows, the global feature's spreads over all. Maps are [texts x rows x 1]."""
+        if not self.has_local:
+            return None
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            text_batch = {k: v.to(device) for k, v in self.build_text_processor()([text]).items()}
+            result = self.alignment_weights(self.encode_image(image.unsqueeze(0).to(device)), self.encode_text(text_batch))
+        finally:
+            self.train(was_training)
+        rows = self.region_stripes * self.patch_stripes  # a grid both stripe counts divide
+        layout = torch.zeros(len(result["image_labels"]), rows)
+        for column, label in enumerate(result["image_labels"]):
+            kind, _, number = label.partition(" ")
+            stripes = {"region": self.region_stripes, "patch": self.patch_stripes}.get(kind)
+            if stripes is None:  # the global feature: the whole image
+                layout[column] = 1.0 / rows
+            else:
+                span = rows // stripes
+                layout[column, (int(number) - 1) * span : int(number) * span] = 1.0 / span
+        sub_sentences = [text[start:end].strip(" ,.;") for start, end in split_sub_sentences(text)]
+        keep = [i for i, label in enumerate(result["text_labels"]) if not label.startswith("word")]
+        names = []
+        for i in keep:
+            label = result["text_labels"][i]
+            index = int(label.split()[-1]) - 1 if label.startswith("sub-sentence") else -1
+            names.append(sub_sentences[index] if 0 <= index < len(sub_sentences) else text)
+        maps = result["weights"][keep].float().cpu() @ layout
+        return names, maps.unsqueeze(-1)
+
     # ------------------------------------------------------------------ 4. losses (eq. 7)
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         image_features = self.encode_image(batch["images"])

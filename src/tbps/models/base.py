@@ -120,6 +120,15 @@ class PersonSearchMethod(nn.Module, metaclass=abc.ABCMeta):
             rows.append(self.similarity(text, index_features(image_features, candidate_row))[0])
         return torch.stack(rows) if rows else candidates.new_zeros((0, candidates.shape[1]), dtype=torch.float32)
 
+    def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
+        """The method's own evidence of which image regions match which phrases of ``text``.
+
+        ``image`` is one normalised image [3 x H x W]. Methods with an attention of their own
+        return ``(phrases, maps)`` with ``maps`` [phrases x h x w], non-negative; ``None`` (the
+        default) means the method has none and search explains hits generically (occlusion).
+        """
+        return None
+
     # ----------------------------------------------------------------- training
     @abc.abstractmethod
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:

@@ -105,7 +105,7 @@ class Explanation:
 
     phrases: list[str]
     maps: np.ndarray  # [phrases x grid_h x grid_w], each scaled to [0, 1]
-    drops: np.ndarray  # raw similarity drops, same shape
+    drops: np.ndarray  # raw relevance, same shape: similarity drops (occlusion) or the method's attention
     png: bytes = field(repr=False)
 
 
@@ -275,7 +275,8 @@ class Searcher:
     def explain(self, hit: Hit | int, text: str, *, grid: tuple[int, int] = (8, 4), max_phrases: int = 5) -> Explanation:
         """Which image regions match which phrases of ``text``, as a heatmap PNG.
 
-        Generic occlusion method, valid for every method through the interface: hide one
+        Uses the method's own attention when it has one (:meth:`PersonSearchMethod.explain`).
+        Otherwise a generic occlusion method, valid for every method: hide one
         patch at a time (set to the normalised mean, i.e. 0) and measure how much the cosine
         between each phrase and the image drops. Patches are two grid cells wide with a
         one-cell stride, so neighbouring cells share evidence and the map is smooth.
@@ -285,6 +286,9 @@ class Searcher:
         image_id = hit.id if isinstance(hit, Hit) else int(hit)
         self._check_id(image_id)
         picture = load_image(self.index.metadata[image_id]["path"])
+        own = self.method.explain(self.transform(picture), text.strip())
+        if own is not None:
+            return self._method_explanation(picture, text.strip(), *own)
         phrases = self.phrases(text, max_phrases)
         labels = [text.strip()] + [p for p in phrases if p != text.strip()]
         image = self.transform(picture)  # [3, H, W]
@@ -306,6 +310,17 @@ class Searcher:
         maps = np.divide(positive, scale, out=np.zeros_like(positive), where=scale > 0)
         png = render_heatmaps(picture, labels, maps, similarity[:, 0].tolist())
         return Explanation(labels, maps, drops, png)
+
+    def _method_explanation(self, picture: Image.Image, text: str, phrases: list[str], maps: torch.Tensor) -> Explanation:
+        """An explanation from the method's own attention (NAFS, ACSA, LAIP, ... where defined)."""
+        values = maps.detach().float().clamp(min=0).cpu().numpy()
+        scale = values.reshape(len(values), -1).max(axis=1).reshape(-1, 1, 1)
+        normalised = np.divide(values, scale, out=np.zeros_like(values), where=scale > 0)
+        text_vectors = F.normalize(self.encode_text(phrases)["global"].float(), dim=-1)
+        image_vector = F.normalize(self.encode_image(picture)["global"].float(), dim=-1)
+        scores = (text_vectors @ image_vector.t())[:, 0].tolist()
+        png = render_heatmaps(picture, phrases, normalised, scores)
+        return Explanation(phrases, normalised, values, png)
 
 
 def _ivf_of(index: faiss.Index) -> Any | None:

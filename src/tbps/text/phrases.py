@@ -349,10 +349,8 @@ def _extend_left(a: _Analysis, start: int, floor: int) -> int:
     while j >= floor:
         if _is_modifier(a.words[j], a.tags[j]):
             extended = j
-        elif _is_separator(a.words[j], a.tags[j]) and j - 1 >= floor and _is_modifier(a.words[j - 1], a.tags[j - 1]):
-            pass  # "and" between two modifiers: keep walking left
-        else:
-            break
+        elif not (_is_separator(a.words[j], a.tags[j]) and j - 1 >= floor and _is_modifier(a.words[j - 1], a.tags[j - 1])):
+            break  # only "and" between two modifiers ("black and white") lets the walk go on
         j -= 1
     return extended
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,10 +10,6 @@ from PIL import Image
 
 SPLIT_ORDER: tuple[str, ...] = ("train", "val", "test")
 
-_WHITESPACE = re.compile(r"\s+")
-# A full stop glued to the next sentence ("shirt.His"): only lower-case letter before and a
-# capitalised word after, so abbreviations such as "U.S.A." are left alone.
-_GLUED_FULL_STOP = re.compile(r"(?<=[a-z])\.(?=[A-Z][a-z])")
 
 
 class DataFormatError(ValueError):
@@ -93,9 +88,14 @@ class PersonSearchDataset:
 
 
 def normalize_caption(text: str) -> str:
-    """Collapse whitespace runs (newlines included) to one space, strip, and split glued sentences."""
-    text = _WHITESPACE.sub(" ", text).strip()
-    return _GLUED_FULL_STOP.sub(". ", text)
+    """The shared caption normalisation (:func:`tbps.text.tokenizers.normalize_caption`), with an
+    empty result instead of an error, so readers can count and drop empty captions."""
+    from tbps.text.tokenizers import EmptyCaptionError, normalize_caption as normalize
+
+    try:
+        return normalize(text)
+    except EmptyCaptionError:
+        return ""
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -156,14 +156,20 @@ def _clean_captions(raw: list[Any], where: str, report: LoadReport) -> list[str]
             raise DataFormatError(
                 f"{where}: field 'captions'[{position}] must be a string, got {_type_name(caption)}"
             )
-        text = normalize_caption(caption)
-        if not text:
-            report.add("empty_caption_dropped", f"{where}, caption {position}")
-            continue
-        if text != caption:
-            report.add("caption_normalised", f"{caption!r} -> {text!r}")
-        cleaned.append(text)
+        text = _normalised_or_counted(caption, f"{where}, caption {position}", report)
+        if text:
+            cleaned.append(text)
     return cleaned
+
+
+def _normalised_or_counted(caption: str, where: str, report: LoadReport) -> str:
+    """The normalised caption, counting the change; empty (and counted as dropped) when blank."""
+    text = normalize_caption(caption)
+    if not text:
+        report.add("empty_caption_dropped", where)
+    elif text != caption:
+        report.add("caption_normalised", f"{caption!r} -> {text!r}")
+    return text
 
 
 def _relative_to_path(rel: str, base: Path) -> Path:
@@ -406,13 +412,9 @@ def read_generic(annotation: Path, *, val_identity_fraction: float = 0.1, seed: 
                     f"for the same image {rel!r}"
                 )
             pending.camera = pending.camera or camera
-        text = normalize_caption(caption)
-        if not text:
-            report.add("empty_caption_dropped", f"line {line_number}: {rel}")
-            continue
-        if text != caption:
-            report.add("caption_normalised", f"{caption!r} -> {text!r}")
-        pending.captions.append(text)
+        text = _normalised_or_counted(caption, f"line {line_number}: {rel}", report)
+        if text:
+            pending.captions.append(text)
 
     notes = [f"generic annotations read from {annotation.name}; image paths relative to {root}"]
     id_map, person_names = _map_person_ids([pending.raw_id for pending in images.values()])

@@ -14,9 +14,7 @@ from omegaconf import OmegaConf
 
 from tbps.config import load_config
 from tbps.data.readers import load_dataset
-from tbps.engine.checkpoint import load_method
 from tbps.engine.train import METRIC_KEYS, train
-from tbps.evaluation.evaluator import evaluate_split
 from tbps.report import QueryRetrieval, RetrievedImage, write_report
 
 log = logging.getLogger(__name__)
@@ -83,9 +81,8 @@ def run_demo(out: str | Path = "tbps-demo", *, identities: int = 500, epochs: in
 
     dataset = load_dataset("cuhk-pedes", data_root)
     records = dataset.split("test")
-    best = result.best_checkpoint or result.last_checkpoint
-    method, _ = load_method(best)
-    evaluation = evaluate_split(method, records, config.data.image_size, batch_size=int(config.data.eval_batch_size), return_similarity=True)
+    # The retrieval grids show the best-on-val model, already evaluated on test by train().
+    evaluation = result.test_evaluations.get("best") or result.test_evaluations["last"]
 
     metrics = {
         f"{'best-on-val' if tag == 'best' else 'last'} (epoch {entry['epoch']})": entry["test"]

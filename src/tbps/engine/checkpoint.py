@@ -38,9 +38,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_method(path: str | Path, expected_method: str | None = None, map_location: str = "cpu") -> tuple[PersonSearchMethod, dict[str, Any]]:
-    """Rebuild the method stored in a checkpoint; returns (method in eval mode, resolved config)."""
-    checkpoint = read_checkpoint(path)
+def load_method(
+    path: str | Path, expected_method: str | None = None, map_location: str = "cpu", *, checkpoint: dict[str, Any] | None = None
+) -> tuple[PersonSearchMethod, dict[str, Any]]:
+    """Rebuild the method stored in a checkpoint; returns (method in eval mode, resolved config).
+
+    ``checkpoint`` is the already-read contents of ``path`` (from :func:`read_checkpoint`), for
+    callers that need its other entries too and should not read the file twice.
+    """
+    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
     meta = checkpoint["tbps"]
     config = meta["config"]
     if expected_method is not None and meta["method"] != expected_method:

@@ -37,6 +37,9 @@ class TrainResult:
     best_checkpoint: Path | None
     last_checkpoint: Path
     report: dict[str, Any] = field(default_factory=dict)
+    # Per checkpoint tag: the test evaluation behind the report (metrics, per-query results,
+    # ids and the similarity matrix), so callers such as the demo need not evaluate again.
+    test_evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def history_csv(self) -> Path:
@@ -133,14 +136,17 @@ def train(config: Any, *, resume: str | Path | None = None, extra_callbacks: Seq
     last = checkpoint_dir / "last.ckpt"
     result = TrainResult(run_dir=run_dir, best_checkpoint=best, last_checkpoint=last)
     if trainer.is_global_zero:
-        result.report = test_report(config, dataset, best, last, train_seconds=train_seconds)
+        result.report, result.test_evaluations = test_report(config, dataset, best, last, train_seconds=train_seconds)
         with atomic_write(run_dir / "report.json") as handle:
             json.dump(result.report, handle, indent=2)
     return result
 
 
-def test_report(config: dict[str, Any], dataset: Any, best: Path | None, last: Path, *, train_seconds: float | None = None) -> dict[str, Any]:
-    """Test metrics of the best-on-val and the last checkpoint (never selected on test)."""
+def test_report(
+    config: dict[str, Any], dataset: Any, best: Path | None, last: Path, *, train_seconds: float | None = None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Test metrics of the best-on-val and the last checkpoint (never selected on test), and the
+    evaluations they come from."""
     split = "test"
     records = dataset.split(split)
     report: dict[str, Any] = {
@@ -152,12 +158,13 @@ def test_report(config: dict[str, Any], dataset: Any, best: Path | None, last: P
         "train_seconds": train_seconds,
         "checkpoints": {},
     }
+    evaluations: dict[str, dict[str, Any]] = {}
     device = evaluation_device(config)
     for tag, path in (("best", best), ("last", last)):
         if path is None or not Path(path).is_file():
             continue
         checkpoint = read_checkpoint(path)
-        method, _ = load_method(path, map_location=device)
+        method, _ = load_method(path, map_location=device, checkpoint=checkpoint)
         result = evaluate_split(
             method,
             records,
@@ -165,7 +172,9 @@ def test_report(config: dict[str, Any], dataset: Any, best: Path | None, last: P
             batch_size=int(config["data"]["eval_batch_size"]),
             num_workers=int(config["data"]["num_workers"]),
             device=device,
+            return_similarity=True,
         )
+        evaluations[tag] = result
         val_r1 = checkpoint["tbps"].get("val_metrics", {}).get("R1")
         report["checkpoints"][tag] = {
             "path": str(path),
@@ -173,5 +182,5 @@ def test_report(config: dict[str, Any], dataset: Any, best: Path | None, last: P
             "val_R1": val_r1,
             "test": {key: result[key] for key in METRIC_KEYS},
         }
-    return report
+    return report, evaluations
 

@@ -79,8 +79,8 @@ def eval_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="a tbps checkpoint (.ckpt)"),
     split: str = typer.Option("test", help="test or val"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write metrics and per-query ranks to this JSON file"),
-    rerank: str = typer.Option("none", help="none | two-stage | rvn | two-stage+rvn"),
-    top_k: int = typer.Option(128, help="candidates kept by two-stage scoring"),
+    rerank: Optional[str] = typer.Option(None, help="none | two-stage | rvn | two-stage+rvn (default: the checkpoint config's eval.rerank)"),
+    top_k: Optional[int] = typer.Option(None, help="candidates kept by two-stage scoring (default: eval.top_k)"),
     dataset: Optional[str] = typer.Option(None, help="override the dataset stored in the checkpoint"),
     root: Optional[Path] = typer.Option(None, help="override the dataset root stored in the checkpoint"),
     image_to_text: bool = typer.Option(False, "--i2t", help="also report the image-to-text direction"),
@@ -92,7 +92,7 @@ def eval_command(
 
     from tbps.data.readers import load_dataset
     from tbps.engine.checkpoint import load_method
-    from tbps.evaluation.evaluator import evaluate_split
+    from tbps.evaluation.evaluator import evaluate_split, scoring_options
     from tbps.evaluation.rank import rank
     from tbps.utils import atomic_write
 
@@ -104,8 +104,12 @@ def eval_command(
         data = config["data"]
         ds = load_dataset(dataset or data["dataset"], root or data["root"], val_identity_fraction=float(data.get("val_identity_fraction", 0.1)), seed=int(config["seed"]))
         records = ds.split(split)
+        scoring = scoring_options(config)
+        rerank = rerank if rerank is not None else scoring["rerank"]
+        top_k = top_k if top_k is not None else scoring["top_k"]
         result = evaluate_split(
             method, records, data["image_size"], batch_size=batch_size, rerank=rerank, top_k=top_k,
+            rvn_neighbours=scoring["rvn_neighbours"],
             device=run_device, progress=sys.stderr.isatty(), return_similarity=image_to_text,
         )
     except USER_ERRORS as error:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tbps.config import to_container
-from tbps.evaluation.evaluator import score_features
+from tbps.evaluation.evaluator import score_features, scoring_options
 from tbps.evaluation.rank import rank
 from tbps.models.base import concat_features
 from tbps.models.registry import create_method
@@ -92,7 +92,8 @@ class PersonSearchModule(L.LightningModule):
         images = concat_features(self._val_outputs[0])
         texts = concat_features(self._val_outputs[1])
         gallery_ids, query_ids = images.pop("_person_ids"), texts.pop("_person_ids")
-        similarity = score_features(self.method, texts, images, device=self.device)
+        # The configured test-time scoring (eval.rerank), so model selection sees what test sees.
+        similarity = score_features(self.method, texts, images, device=self.device, **scoring_options(self.config))
         metrics = rank(similarity, query_ids, gallery_ids, max_rank=10)
         self.last_val_metrics = {key: float(metrics[key]) for key in ("R1", "R5", "R10", "mAP", "mINP")}
         for key, value in self.last_val_metrics.items():

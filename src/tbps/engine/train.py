@@ -24,7 +24,7 @@ from tbps.data.checks import dataset_stats
 from tbps.engine.checkpoint import AtomicCheckpointIO, load_method, read_checkpoint
 from tbps.engine.datamodule import PersonSearchDataModule, load_configured_dataset
 from tbps.engine.module import PersonSearchModule
-from tbps.evaluation.evaluator import evaluate_split
+from tbps.evaluation.evaluator import evaluate_split, scoring_options
 from tbps.utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ def test_report(
         "selection": "best val R@1 (model selection never looks at test)",
         "dataset_stats": dataset_stats(dataset),
         "train_seconds": train_seconds,
+        "scoring": scoring_options(config),
         "checkpoints": {},
     }
     evaluations: dict[str, dict[str, Any]] = {}
@@ -165,6 +166,7 @@ def test_report(
             continue
         checkpoint = read_checkpoint(path)
         method, _ = load_method(path, map_location=device, checkpoint=checkpoint)
+        started = time.perf_counter()
         result = evaluate_split(
             method,
             records,
@@ -173,7 +175,9 @@ def test_report(
             num_workers=int(config["data"]["num_workers"]),
             device=device,
             return_similarity=True,
+            **scoring_options(config),
         )
+        evaluate_seconds = time.perf_counter() - started
         evaluations[tag] = result
         val_r1 = checkpoint["tbps"].get("val_metrics", {}).get("R1")
         report["checkpoints"][tag] = {
@@ -181,6 +185,7 @@ def test_report(
             "epoch": int(checkpoint.get("epoch", -1)) + 1,
             "val_R1": val_r1,
             "test": {key: result[key] for key in METRIC_KEYS},
+            "eval_seconds": evaluate_seconds,  # encode the split + score + rank
         }
     return report, evaluations
 

@@ -94,6 +94,16 @@ def score_features(
     return similarity.cpu()
 
 
+def scoring_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``eval`` section's scoring settings (rerank, top_k, rvn_neighbours) as keyword arguments."""
+    section = config.get("eval") or {}
+    return {
+        "rerank": str(section.get("rerank", "none")),
+        "top_k": int(section.get("top_k", 128)),
+        "rvn_neighbours": int(section.get("rvn_neighbours", 10)),
+    }
+
+
 def eval_loaders(
     records: Sequence[ImageRecord],
     method: PersonSearchMethod,

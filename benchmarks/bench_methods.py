@@ -1,0 +1,210 @@
+"""Train every method (and its ablation rows) with the same backbones, data and budget on the
+synthetic benchmark, then score each best-on-val checkpoint's test features several ways.
+
+    python benchmarks/bench_methods.py --data /tmp/bench1/data --out /tmp/tbps-methods \
+        --runs baseline nafs nafs-global acsa acsa-I+II ...
+    python benchmarks/bench_methods.py --out /tmp/tbps-methods --table     # print the tables only
+
+Generate the data first (the demo's 500 identities): `tbps data synth --out /tmp/bench1/data
+--identities 500 --seed 0`. Every run gets the COMMON overrides below: EfficientNet-Lite0 with its
+first two stages frozen at 128x48, MiniLM with its first three layers frozen (the Bi-LSTM runs:
+trained from scratch), batch 64, 6 epochs of the caption-level random sampler (53 steps each); the
+identity-sampled ISANet runs get the epochs that give the same number of steps. A run whose
+``report.json`` already exists is not trained again (``--adopt NAME=RUN_DIR`` copies in a run
+trained elsewhere with the same settings, e.g. the demo's baseline).
+
+For each best-on-val checkpoint the test split is encoded once (timed) and scored by:
+``method`` (the method's own test similarity), ``global`` (global cosine only), ``rvn`` (the
+method's similarity re-ranked by the shared RVN), and for methods with a fine scorer
+``two-stage@k`` (global top-k re-scored by ``score_candidates``; LAIP's ITM) for each ``--top-k``.
+Results go to ``OUT/results.json`` (one entry per run) and are printed as markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from tbps.config import load_config
+from tbps.data.readers import load_dataset
+from tbps.engine.checkpoint import load_method
+from tbps.engine.train import train
+from tbps.evaluation.evaluator import encode_image_batches, encode_text_batches, eval_loaders, score_features
+from tbps.evaluation.rank import rank
+from tbps.models.base import PersonSearchMethod
+from tbps.utils import atomic_write
+
+EPOCHS = 6  # of the random sampler: 3,443 training captions / 64 = 53 steps each
+COMMON = [
+    "data.image_size=[128,48]",
+    "data.batch_size=64",
+    "data.sampler=random",
+    "model.image_backbone.name=efficientnet_lite0",
+    "model.image_backbone.freeze_stages=2",
+    f"trainer.max_epochs={EPOCHS}",
+    "trainer.progress_bar=false",
+    "optim.warmup_epochs=0.5",
+]
+MINILM = ["model.text_backbone.name=minilm", "model.text_backbone.freeze_layers=3"]
+BILSTM_BASELINE = [
+    "model.text_backbone.name=bilstm",
+    "model.text_backbone.embedding_dim=300",
+    "model.text_backbone.hidden_size=512",
+    "model.text_backbone.min_count=2",
+]
+# ISANet's identity sampler (16 identities x 4 captions) covers the 350 training identities in 22
+# steps: 15 epochs = 330 steps ~ the 318 of the others.
+ISANET = ["data.sampler=identity", "data.num_instances=4", "trainer.max_epochs=15", "optim.warmup_epochs=1.25",
+          "optim.lr=1.0e-2"]  # the paper's lr for the new layers (backbone x0.1 = its 1e-3)
+# LAIP: ALBEF fine-tunes its pretrained encoders at 1e-4; the fusion's cross-attention blocks are
+# new here, so they get 10x that as every other method's new layers do. Stage 2 (all losses)
+# from epoch 4 of 6 (the paper: 30 + 15 epochs).
+LAIP = ["optim.lr=1.0e-3", "optim.backbone_lr_mult=0.1", "model.local_losses_start_epoch=4"]
+
+SUITE: dict[str, tuple[str, list[str]]] = {
+    # name: (config, overrides on top of COMMON)
+    "baseline": ("baseline/synthetic", MINILM),
+    "baseline-bilstm": ("baseline/synthetic", BILSTM_BASELINE),
+    "nafs": ("nafs/synthetic", MINILM),
+    "nafs-global": ("nafs/synthetic", MINILM + ["model.scales=global"]),                     # Table 2 "Global"
+    "nafs-separate": ("nafs/synthetic", MINILM + ["model.alignment=separate"]),              # Table 3
+    "nafs-no-shuffle": ("nafs/synthetic", MINILM + ["model.split_shuffle=false"]),           # Table 4
+    "acsa": ("acsa/synthetic", MINILM),                                                      # relations I-III
+    "acsa-I": ("acsa/synthetic", MINILM + ["model.relations=I"]),                            # Table V row 1
+    "acsa-I+II": ("acsa/synthetic", MINILM + ["model.relations=I+II"]),                      # Table V row 2
+    "acsa-I-IV": ("acsa/synthetic", MINILM + ["model.relations=I-IV"]),                      # Table V row 4
+    "isanet": ("isanet/synthetic", ISANET),                                                  # GA + ILA + RGL + CAF
+    "isanet-GA": ("isanet/synthetic", ISANET + ["model.local_alignment=false", "model.rgl.mode=none", "model.caf.mode=none"]),
+    "isanet-GA+ILA": ("isanet/synthetic", ISANET + ["model.rgl.mode=none", "model.caf.mode=none"]),
+    "isanet-GA+ILA+RGL": ("isanet/synthetic", ISANET + ["model.caf.mode=none"]),
+    "laip": ("laip/synthetic", MINILM + LAIP),
+    "laip-itc+itm": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0", "model.losses.bidiratt=0"]),
+    "laip-+triplet": ("laip/synthetic", MINILM + LAIP + ["model.losses.mpm=0", "model.losses.bidiratt=0"]),
+}
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+def train_run(name: str, data: Path, out: Path, extra: list[str]) -> dict:
+    config_name, overrides = SUITE[name]
+    run_dir = out / "runs" / name
+    if not (run_dir / "report.json").is_file():
+        config = load_config(config_name, [*COMMON, *overrides, f"data.root={data}", f"trainer.output_dir={out / 'runs'}",
+                                           f"trainer.run_name={name}", *extra])
+        train(config)
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def score_run(name: str, report: dict, top_ks: list[int]) -> dict:
+    """Score the best-on-val checkpoint's test features every way that applies, timing each."""
+    checkpoint = report["checkpoints"]["best"]["path"]
+    method, config = load_method(checkpoint)
+    data = config["data"]
+    dataset = load_dataset(data["dataset"], data["root"], val_identity_fraction=float(data.get("val_identity_fraction", 0.1)),
+                           seed=int(config["seed"]))
+    records = dataset.split("test")
+    gallery, queries = eval_loaders(records, method, data["image_size"], batch_size=int(data["eval_batch_size"]))
+    started = time.perf_counter()
+    with torch.inference_mode():
+        image_features = encode_image_batches(method, gallery)
+    image_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    with torch.inference_mode():
+        text_features = encode_text_batches(method, queries)
+    text_seconds = time.perf_counter() - started
+    query_ids = torch.tensor([q.person_id for q in queries.dataset.queries])
+    gallery_ids = torch.tensor([r.person_id for r in records])
+
+    modes: list[tuple[str, dict]] = [("method", {"rerank": "none"}), ("rvn", {"rerank": "rvn"})]
+    has_fine_scorer = type(method).score_candidates is not PersonSearchMethod.score_candidates
+    if has_fine_scorer:
+        modes.append(("global", {}))
+        modes += [(f"two-stage@{k}", {"rerank": "two-stage", "top_k": k}) for k in top_ks]
+    scores = {}
+    for mode, options in modes:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            if mode == "global":
+                similarity = method.global_similarity(text_features, image_features)
+            else:
+                similarity = score_features(method, text_features, image_features, **options)
+        seconds = time.perf_counter() - started
+        metrics = rank(similarity, query_ids, gallery_ids, max_rank=10)
+        scores[mode] = {**{key: float(metrics[key]) for key in METRICS}, "seconds": seconds,
+                        "ms_per_query": 1000 * seconds / len(query_ids)}
+    return {
+        "encode_images_seconds": image_seconds,
+        "encode_texts_seconds": text_seconds,
+        "queries": len(query_ids),
+        "gallery": len(gallery_ids),
+        "scores": scores,
+    }
+
+
+def print_tables(results: dict) -> None:
+    print("| run | checkpoint | epoch | val R@1 | R@1 | R@5 | R@10 | mAP | mINP | train min |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, entry in results.items():
+        report = entry["report"]
+        for tag, checkpoint in report["checkpoints"].items():
+            test = checkpoint["test"]
+            val = checkpoint.get("val_R1")
+            train_min = f"{report['train_seconds'] / 60:.1f}" if tag == "best" and report.get("train_seconds") else ""
+            print(f"| {name} | {'best-on-val' if tag == 'best' else 'last'} | {checkpoint['epoch']} | "
+                  f"{'n/a' if val is None else f'{val:.1f}'} | " + " | ".join(f"{test[k]:.1f}" for k in METRICS) + f" | {train_min} |")
+    print()
+    print("| run | scoring (best-on-val) | R@1 | R@5 | R@10 | mAP | mINP | encode images + texts s | scoring s | ms / query |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, entry in results.items():
+        scored = entry.get("scored")
+        if not scored:
+            continue
+        encode = f"{scored['encode_images_seconds']:.1f} + {scored['encode_texts_seconds']:.1f}"
+        for mode, row in scored["scores"].items():
+            print(f"| {name} | {mode} | " + " | ".join(f"{row[k]:.1f}" for k in METRICS)
+                  + f" | {encode} | {row['seconds']:.2f} | {row['ms_per_query']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="the synthetic benchmark (CUHK-PEDES layout)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs", nargs="*", default=[], choices=sorted(SUITE))
+    parser.add_argument("--adopt", nargs="*", default=[], metavar="NAME=RUN_DIR")
+    parser.add_argument("--top-k", type=int, nargs="*", default=[16, 64, 128])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run (last wins)")
+    parser.add_argument("--table", action="store_true", help="only print the tables from OUT/results.json")
+    args = parser.parse_args()
+
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if not args.table:
+        if args.data is None:
+            parser.error("--data is needed to train")
+        for item in args.adopt:
+            name, _, source = item.partition("=")
+            target = args.out / "runs" / name
+            if not target.exists():
+                shutil.copytree(source, target)
+                report_file = target / "report.json"  # point the report at the copied checkpoints
+                report_file.write_text(report_file.read_text().replace(str(Path(source).resolve()), str(target.resolve())))
+        for name in args.runs:
+            started = time.perf_counter()
+            report = train_run(name, args.data.resolve(), args.out.resolve(), args.set)
+            scored = score_run(name, report, args.top_k)
+            results[name] = {"report": report, "scored": scored, "wall_seconds": time.perf_counter() - started,
+                             "device": f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"}
+            args.out.mkdir(parents=True, exist_ok=True)
+            with atomic_write(results_path) as handle:
+                json.dump(results, handle, indent=2)
+            print(f"== {name} done in {results[name]['wall_seconds'] / 60:.1f} min", flush=True)
+    print_tables(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -148,6 +148,51 @@ def eval_command(
         console.print(f"wrote {json_out}")
 
 
+@app.command("explain")
+def explain_command(
+    image: Path = typer.Argument(..., help="a person image (JPEG, PNG, ...)"),
+    caption: str = typer.Argument(..., help="the description whose attention to draw"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a tbps checkpoint (.ckpt)"),
+    out: Path = typer.Option(Path("attention.png"), "--out", "-o", help="the figure to write (PNG)"),
+    device: str = typer.Option("cpu", help="auto, cpu or cuda"),
+) -> None:
+    """Draw the method's attention for one image and caption as a PNG figure.
+
+    NAFS: the image stripes the sentence, each sub-sentence and each word attend to (Fig. 4);
+    ACSA: the visual entity of each noun phrase; ISANet: the RGL attention and the topic centres;
+    LAIP: forward vs bidirectional attention per noun phrase (Fig. 7). Methods without an
+    attention of their own (the baseline) get the generic occlusion relevance.
+    """
+    import numpy as np
+    import torch
+
+    from tbps.data.records import load_image
+    from tbps.engine.checkpoint import load_method
+    from tbps.search.index import image_transform
+    from tbps.search.searcher import occlusion_relevance, render_attention_figure
+    from tbps.text.phrases import NounPhraseExtractor
+    from tbps.text.tokenizers import normalize_caption
+    from tbps.utils import atomic_write_bytes
+
+    run_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        text = normalize_caption(caption)
+        picture = load_image(image)
+        method, config = load_method(checkpoint, map_location=run_device)
+        tensor = image_transform(method, config["data"]["image_size"])(picture).to(run_device)
+        rows = method.visualize(tensor, text)
+        if not rows or not any(len(labels) for labels, _ in rows.values()):
+            err_console.print(f"{config['method']} has no attention of its own here; drawing the generic occlusion relevance")
+            labels = [text, *[p for p in NounPhraseExtractor().extract(text, max_phrases=5) if p != text]]
+            drops, _ = occlusion_relevance(method, tensor, labels, method.build_text_processor())
+            rows = {"occlusion: cosine drop when a patch is hidden": (labels, np.clip(drops, 0.0, None))}
+        png = render_attention_figure(picture, rows, f"{config['method']}: {text}")
+        atomic_write_bytes(out, png)
+    except (*USER_ERRORS, ImportError) as error:  # ImportError: no noun-phrase backend installed
+        fail(str(error))
+    console.print(f"wrote {out} ({len(png):,} bytes; rows: {', '.join(rows)})")
+
+
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("tbps-demo"), help="where data, runs and the report go"),

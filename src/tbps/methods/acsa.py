@@ -50,8 +50,8 @@ Ablation switches, all under ``model``:
 * ``attention.directions``: both / image-to-text / text-to-image.
 
 Visualisation: :meth:`ACSA.explain_pair` returns, for one image and one caption, which visual
-entity each noun phrase attends to (``alpha'`` of eq. 9) and :func:`format_phrase_attention`
-prints it as a table.
+entity each noun phrase attends to (``alpha'`` of eq. 9); :func:`format_phrase_attention`
+prints it as a table and :meth:`ACSA.visualize` paints it on the image (``tbps explain``).
 """
 
 from __future__ import annotations
@@ -548,19 +548,37 @@ class ACSA(PersonSearchMethod):
         result["attended"] = [result["image_labels"][int(i)] for i in result["text_to_image"].argmax(dim=1)]
         return result
 
-    def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
-        """Each noun phrase's ACAM attention over the visual entities (alpha', eq. 9), laid out on
-        the image's six horizontal parts: a region's weight spreads evenly over its parts, the
-        global entity's over all six. Maps are [phrases x 6 x 1] (rows are parts)."""
-        result = self.explain_pair(image, text)
+    def phrase_entity_maps(self, result: Mapping[str, Any]) -> Tensor:
+        """Each text entity's ``alpha'`` (eq. 9) of :meth:`explain_pair` painted onto the image's six
+        horizontal parts: a region's weight spreads evenly over its parts, the global entity's
+        over all six. ``[phrases x 6 x 1]`` (rows are parts)."""
         parts_of = dict(self.region_groups)
         layout = torch.zeros(len(result["image_labels"]), NUM_PARTS)
         for row, entity in enumerate(result["image_labels"]):
             parts = parts_of.get(entity, tuple(range(NUM_PARTS)))  # "global": the whole body
             layout[row, list(parts)] = 1.0 / len(parts)
-        maps = result["text_to_image"].float().cpu() @ layout  # [phrases x parts]
-        labels = list(result["text_labels"])[: maps.shape[0]]
-        return labels, maps.unsqueeze(-1)
+        return (result["text_to_image"].float().cpu() @ layout).unsqueeze(-1)
+
+    def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
+        """Each noun phrase's ACAM attention over the visual entities (:meth:`phrase_entity_maps`)."""
+        if not self.uses_acam:
+            return None
+        result = self.explain_pair(image, text)
+        maps = self.phrase_entity_maps(result)
+        return list(result["text_labels"])[: maps.shape[0]], maps
+
+    def visualize(self, image: Tensor, text: str) -> dict[str, tuple[list[str], Tensor]] | None:
+        """Fig. 5: which visual entity (global, head, upper body, lower body, feet) each noun phrase
+        attends to, labelled "a red coat → upper body 0.62" (the entity of largest ``alpha'``)."""
+        if not self.uses_acam:
+            return None
+        result = self.explain_pair(image, text)
+        maps = self.phrase_entity_maps(result)
+        labels = [
+            f"{phrase} → {entity} {float(weights.max()):.2f}"
+            for phrase, entity, weights in zip(result["text_labels"], result["attended"], result["text_to_image"])
+        ]
+        return {"noun phrase → visual entity": (labels, maps)}
 
 
 def format_phrase_attention(result: Mapping[str, Any]) -> str:

@@ -645,6 +645,23 @@ class ISANet(PersonSearchMethod):
         _, _, assignment = self._text_features(tokens, mask)
         return {"topic_assignment": assignment.mean(dim=-1).transpose(1, 2)}
 
+    def _explain_pair(
+        self, image: Tensor, texts: Sequence[str], processor: TextProcessor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """:meth:`explain_image` of one image ``[3, H, W]`` (batch of 1), ``processor``'s output
+        for ``texts`` and their :meth:`explain_text`, in eval mode (the caller's mode restored)."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            with torch.no_grad():
+                image_result = self.explain_image(image.unsqueeze(0).to(device))
+                text_batch = {k: v.to(device) for k, v in processor(list(texts)).items()}
+                text_result = self.explain_text(text_batch)
+        finally:
+            self.train(was_training)
+        return image_result, text_batch, text_result
+
     def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
         """Where each noun phrase of ``text`` lands, through the shared topic centres of ILA:
         a phrase's words give weights over the K topics (eq. 10 assignments, averaged over its
@@ -655,20 +672,39 @@ class ISANet(PersonSearchMethod):
         from tbps.text.phrases import NounPhraseExtractor
 
         phrases = [text, *[p for p in NounPhraseExtractor().extract(text, max_phrases=6) if p != text]]
-        was_training = self.training
-        self.eval()
-        try:
-            device = next(self.parameters()).device
-            with torch.no_grad():
-                image_result = self.explain_image(image.unsqueeze(0).to(device))
-                text_batch = {k: v.to(device) for k, v in self.build_text_processor()(phrases).items()}
-                word_topics = self.explain_text(text_batch)["topic_assignment"]  # [P, K, L]
-        finally:
-            self.train(was_training)
-        topic_weights = word_topics.sum(dim=-1)
+        image_result, _, text_result = self._explain_pair(image, phrases, self.build_text_processor())
+        topic_weights = text_result["topic_assignment"].sum(dim=-1)  # [P, K]
         topic_weights = topic_weights / topic_weights.sum(dim=-1, keepdim=True).clamp(min=1e-12)
         maps = torch.einsum("pk,khw->phw", topic_weights, image_result["topic_assignment"][0])
         return phrases, (maps * image_result["rgl_attention"][0]).float().cpu()
+
+    def visualize(self, image: Tensor, text: str, top_words: int = 3) -> dict[str, tuple[list[str], Tensor]] | None:
+        """The RGL attention ``A`` over the image (eq. 5, channel mean: low on suppressed
+        background) and each topic centre's soft assignment over the image positions (eq. 10),
+        labelled with the caption's words assigned to it most (eq. 13) and their weights."""
+        with_rgl = isinstance(self.localization, RelationGuidedLocalization)
+        if self.local_alignment is None and not with_rgl:
+            return None
+        processor = self.build_text_processor()
+        image_result, text_batch, text_result = self._explain_pair(image, [text], processor)
+        rows = {}
+        if with_rgl:
+            rows["RGL attention"] = (["RGL attention (channel mean)"], image_result["rgl_attention"].float().cpu())
+        if self.local_alignment is not None:
+            from tbps.text.tokenizers import WordPieceTokenizer, token_strings
+
+            words = token_strings(text, text_batch["input_ids"][0], processor if isinstance(processor, WordPieceTokenizer) else None)
+            word_topics = text_result["topic_assignment"][0].float().cpu()  # [K, L]
+            labels = []
+            for k, weights in enumerate(word_topics):
+                best: dict[str, float] = {}  # each word once, at its largest weight; punctuation left out
+                for word, weight in zip(words, weights.tolist()):
+                    if any(ch.isalnum() for ch in word):
+                        best[word] = max(weight, best.get(word, 0.0))
+                ranked = sorted(best.items(), key=lambda item: -item[1])[:top_words]
+                labels.append(f"topic {k + 1}: " + ", ".join(f"{word} {weight:.2f}" for word, weight in ranked))
+            rows["topic centres (image)"] = (labels, image_result["topic_assignment"][0].float().cpu())
+        return rows
 
     # ------------------------------------------------------------------ losses, eqs. 17-21
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:

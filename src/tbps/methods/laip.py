@@ -820,18 +820,30 @@ class LAIP(PersonSearchMethod):
         maps = {mode: combine_attention(stream["forward"], stream["backward"], mode).detach() for mode in ATTENTION_MODES}
         return {mode: weights.reshape(-1, *grid) for mode, weights in maps.items()}
 
-    def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
-        """Bidirectional attention (forward x backward) of each noun phrase of ``text`` over the
-        patch grid, as in the paper's Fig. 7."""
+    def phrase_maps(self, image: Tensor, text: str) -> tuple[list[str], dict[str, Tensor]]:
+        """The noun phrases of ``text`` and their :meth:`phrase_attention_maps` over one image
+        ``[3, H, W]`` (all three modes from one masked pass), in eval mode."""
         phrases = self.build_text_processor().extractor.extract(text, max_phrases=self.max_phrases) or [text.strip()]
         was_training = self.training
         self.eval()
         try:
             images = image.unsqueeze(0).expand(len(phrases), *image.shape).to(next(self.parameters()).device)
-            maps = self.phrase_attention_maps(images, phrases)["bidirectional"]
+            maps = self.phrase_attention_maps(images, phrases)
         finally:
             self.train(was_training)
-        return list(phrases), maps.float().cpu()
+        return list(phrases), {mode: weights.float().cpu() for mode, weights in maps.items()}
+
+    def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
+        """Bidirectional attention (forward x backward) of each noun phrase of ``text`` over the
+        patch grid, as in the paper's Fig. 7."""
+        phrases, maps = self.phrase_maps(image, text)
+        return phrases, maps["bidirectional"]
+
+    def visualize(self, image: Tensor, text: str) -> dict[str, tuple[list[str], Tensor]] | None:
+        """Fig. 7: each noun phrase's forward attention (eq. 4) next to its bidirectional
+        attention (eq. 7, forward x backward) over the image patches."""
+        phrases, maps = self.phrase_maps(image, text)
+        return {"forward attention": (phrases, maps["forward"]), "bidirectional attention": (phrases, maps["bidirectional"])}
 
 
 __all__ = [

@@ -68,6 +68,7 @@ from tbps.models.backbones.text import BiLSTMText, TextBackbone, TransformerText
 from tbps.models.base import Features, PersonSearchMethod, TextProcessor, index_features
 from tbps.models.registry import register_method
 from tbps.text.split import split_sub_sentences, sub_sentence_token_spans, token_span_masks
+from tbps.text.tokenizers import token_strings
 
 SCALES = ("full", "global+finest", "global")
 ALIGNMENTS = ("joint", "separate", "concat")
@@ -712,17 +713,23 @@ class NAFS(PersonSearchMethod):
             "image_labels": image_labels,
         }
 
-    def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
-        """The sentence's and each sub-sentence's non-local attention (alpha') over the global,
-        region and patch features, laid out on horizontal rows of the image: a stripe's weight
-        covers its rows, the global feature's spreads over all. Maps are [texts x rows x 1]."""
+    def text_feature_attention(self, image: Tensor, text: str) -> tuple[list[str], list[str], Tensor] | None:
+        """alpha' (eq. 3) of every valid text feature of ``text`` over the global, region and patch
+        features of ``image``, laid out on horizontal rows of the image as in Fig. 4: a stripe's
+        weight covers its rows, the global feature's spreads over all.
+
+        Returns the :meth:`alignment_weights` text labels ("sentence", "sub-sentence 1",
+        "word 3"), their display names (the caption, the sub-sentence's text, the word token) and
+        maps [texts x rows x 1]; ``None`` without local features.
+        """
         if not self.has_local:
             return None
+        processor = self.build_text_processor()
         was_training = self.training
         self.eval()
         try:
             device = next(self.parameters()).device
-            text_batch = {k: v.to(device) for k, v in self.build_text_processor()([text]).items()}
+            text_batch = {k: v.to(device) for k, v in processor([text]).items()}
             result = self.alignment_weights(self.encode_image(image.unsqueeze(0).to(device)), self.encode_text(text_batch))
         finally:
             self.train(was_training)
@@ -737,14 +744,40 @@ class NAFS(PersonSearchMethod):
                 span = rows // stripes
                 layout[column, (int(number) - 1) * span : int(number) * span] = 1.0 / span
         sub_sentences = [text[start:end].strip(" ,.;") for start, end in split_sub_sentences(text)]
-        keep = [i for i, label in enumerate(result["text_labels"]) if not label.startswith("word")]
+        # Word slot i is token position i: WordPiece tokens for BERT, vocabulary words for the Bi-LSTM.
+        words = token_strings(text, text_batch["input_ids"][0], processor.base if processor.kind == "bert" else None)
         names = []
-        for i in keep:
-            label = result["text_labels"][i]
-            index = int(label.split()[-1]) - 1 if label.startswith("sub-sentence") else -1
-            names.append(sub_sentences[index] if 0 <= index < len(sub_sentences) else text)
-        maps = result["weights"][keep].float().cpu() @ layout
-        return names, maps.unsqueeze(-1)
+        for label in result["text_labels"]:
+            kind, _, number = label.rpartition(" ")
+            if kind == "word":
+                names.append(words[int(number)])
+            elif kind == "sub-sentence" and int(number) <= len(sub_sentences):
+                names.append(sub_sentences[int(number) - 1])
+            else:
+                names.append(text)
+        maps = result["weights"].float().cpu() @ layout
+        return list(result["text_labels"]), names, maps.unsqueeze(-1)
+
+    def explain(self, image: Tensor, text: str) -> tuple[list[str], Tensor] | None:
+        """The sentence's and each sub-sentence's rows of :meth:`text_feature_attention`."""
+        attention = self.text_feature_attention(image, text)
+        if attention is None:
+            return None
+        labels, names, maps = attention
+        keep = [i for i, label in enumerate(labels) if not label.startswith("word")]
+        return [names[i] for i in keep], maps[keep]
+
+    def visualize(self, image: Tensor, text: str) -> dict[str, tuple[list[str], Tensor]] | None:
+        """Fig. 4: which image stripes the sentence, each sub-sentence and each word attend to
+        (:meth:`text_feature_attention`), one figure row per text scale."""
+        attention = self.text_feature_attention(image, text)
+        if attention is None:
+            return None
+        labels, names, maps = attention
+        rows: dict[str, list[int]] = {"sentence": [], "sub-sentences": [], "words": []}
+        for i, label in enumerate(labels):
+            rows["words" if label.startswith("word") else "sub-sentences" if label.startswith("sub") else "sentence"].append(i)
+        return {title: ([names[i] for i in keep], maps[keep]) for title, keep in rows.items() if keep}
 
     # ------------------------------------------------------------------ 4. losses (eq. 7)
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:

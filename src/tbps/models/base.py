@@ -129,6 +129,17 @@ class PersonSearchMethod(nn.Module, metaclass=abc.ABCMeta):
         """
         return None
 
+    def visualize(self, image: Tensor, text: str) -> dict[str, tuple[list[str], Tensor]] | None:
+        """The method's attention figure for one normalised image [3 x H x W] and one caption.
+
+        An ordered mapping row title -> ``(labels, maps)``, ``maps`` [labels x h x w] and
+        non-negative, one panel per label (``tbps explain`` draws it). The default is the single
+        row of :meth:`explain`; methods override it with the figures of their papers. ``None``:
+        the method has no attention of its own.
+        """
+        explained = self.explain(image, text)
+        return None if explained is None else {"attention": explained}
+
     # ----------------------------------------------------------------- training
     @abc.abstractmethod
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:

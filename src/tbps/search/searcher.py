@@ -8,6 +8,7 @@ optionally :func:`rvn_rerank` among the candidates.
 from __future__ import annotations
 
 import io
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -275,11 +276,8 @@ class Searcher:
     def explain(self, hit: Hit | int, text: str, *, grid: tuple[int, int] = (8, 4), max_phrases: int = 5) -> Explanation:
         """Which image regions match which phrases of ``text``, as a heatmap PNG.
 
-        Uses the method's own attention when it has one (:meth:`PersonSearchMethod.explain`).
-        Otherwise a generic occlusion method, valid for every method: hide one
-        patch at a time (set to the normalised mean, i.e. 0) and measure how much the cosine
-        between each phrase and the image drops. Patches are two grid cells wide with a
-        one-cell stride, so neighbouring cells share evidence and the map is smooth.
+        Uses the method's own attention when it has one (:meth:`PersonSearchMethod.explain`),
+        otherwise :func:`occlusion_relevance`, valid for every method.
         """
         if not text.strip():
             raise ValueError("the query text is empty")
@@ -291,24 +289,11 @@ class Searcher:
             return self._method_explanation(picture, text.strip(), *own)
         phrases = self.phrases(text, max_phrases)
         labels = [text.strip()] + [p for p in phrases if p != text.strip()]
-        image = self.transform(picture)  # [3, H, W]
-        rows, cols = grid
-        height, width = image.shape[-2:]
-        cell_h, cell_w = height / rows, width / cols
-        windows = [(r, c) for r in range(rows) for c in range(cols)]
-        occluded = image.unsqueeze(0).repeat(len(windows) + 1, 1, 1, 1)
-        for n, (r, c) in enumerate(windows, start=1):
-            top, left = int(round((r - 0.5) * cell_h)), int(round((c - 0.5) * cell_w))
-            bottom, right = int(round((r + 1.5) * cell_h)), int(round((c + 1.5) * cell_w))
-            occluded[n, :, max(0, top) : bottom, max(0, left) : right] = 0.0
-        image_vectors = F.normalize(self.method.encode_image(occluded)["global"].float(), dim=-1)
-        text_vectors = F.normalize(self.encode_text(labels)["global"].float(), dim=-1)
-        similarity = text_vectors @ image_vectors.t()  # [labels x (1 + windows)]
-        drops = (similarity[:, :1] - similarity[:, 1:]).reshape(len(labels), rows, cols).numpy()
+        drops, scores = occlusion_relevance(self.method, self.transform(picture), labels, self.text_processor, grid)
         positive = np.clip(drops, 0.0, None)
         scale = positive.reshape(len(labels), -1).max(axis=1).reshape(-1, 1, 1)
         maps = np.divide(positive, scale, out=np.zeros_like(positive), where=scale > 0)
-        png = render_heatmaps(picture, labels, maps, similarity[:, 0].tolist())
+        png = render_heatmaps(picture, labels, maps, scores.tolist())
         return Explanation(labels, maps, drops, png)
 
     def _method_explanation(self, picture: Image.Image, text: str, phrases: list[str], maps: torch.Tensor) -> Explanation:
@@ -335,6 +320,34 @@ def _check_k(k: int) -> None:
         raise ValueError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
 
 
+@torch.no_grad()
+def occlusion_relevance(
+    method: PersonSearchMethod, image: torch.Tensor, labels: Sequence[str], text_processor: Any, grid: tuple[int, int] = (8, 4)
+) -> tuple[np.ndarray, np.ndarray]:
+    """A generic explanation, valid for every method: hide one patch of ``image`` [3 x H x W] at
+    a time (set to the normalised mean, i.e. 0) and measure how much the cosine between each
+    label and the image drops. Patches are two grid cells wide with a one-cell stride, so
+    neighbouring cells share evidence and the map is smooth.
+
+    Returns the drops [labels x rows x cols] and each label's cosine to the whole image [labels].
+    """
+    rows, cols = grid
+    height, width = image.shape[-2:]
+    cell_h, cell_w = height / rows, width / cols
+    windows = [(r, c) for r in range(rows) for c in range(cols)]
+    occluded = image.unsqueeze(0).repeat(len(windows) + 1, 1, 1, 1)
+    for n, (r, c) in enumerate(windows, start=1):
+        top, left = int(round((r - 0.5) * cell_h)), int(round((c - 0.5) * cell_w))
+        bottom, right = int(round((r + 1.5) * cell_h)), int(round((c + 1.5) * cell_w))
+        occluded[n, :, max(0, top) : bottom, max(0, left) : right] = 0.0
+    image_vectors = F.normalize(method.encode_image(occluded)["global"].float(), dim=-1)
+    text_batch = {key: value.to(image.device) for key, value in text_processor(list(labels)).items()}
+    text_vectors = F.normalize(method.encode_text(text_batch)["global"].float(), dim=-1)
+    similarity = text_vectors @ image_vectors.t()  # [labels x (1 + windows)]
+    drops = (similarity[:, :1] - similarity[:, 1:]).reshape(len(labels), rows, cols)
+    return drops.cpu().numpy(), similarity[:, 0].cpu().numpy()
+
+
 def _colormap(values: np.ndarray) -> np.ndarray:
     """Map [0, 1] to RGB from dark blue through yellow to red (a perceptually ordered ramp)."""
     stops = np.array([[20, 30, 120], [40, 120, 200], [120, 200, 120], [250, 220, 60], [220, 40, 30]], dtype=np.float32)
@@ -342,6 +355,36 @@ def _colormap(values: np.ndarray) -> np.ndarray:
     low = np.floor(position).astype(int).clip(0, len(stops) - 2)
     fraction = (position - low)[..., None]
     return (stops[low] * (1 - fraction) + stops[low + 1] * fraction).astype(np.uint8)
+
+
+def _heat_panel(base: Image.Image, relevance: np.ndarray) -> Image.Image:
+    """``base`` with a relevance map in [0, 1] (any grid) blended on top in :func:`_colormap` colours."""
+    heat = Image.fromarray((np.clip(relevance, 0.0, 1.0) * 255).astype(np.uint8), "L").resize(base.size, Image.Resampling.BICUBIC)
+    level = np.asarray(heat, dtype=np.float32) / 255.0
+    coloured = Image.fromarray(_colormap(level), "RGB")
+    # Opacity follows relevance, so regions that do not matter keep the photo visible.
+    alpha = Image.fromarray((255 * (0.1 + 0.6 * level)).astype(np.uint8), "L")
+    return Image.composite(coloured, base, alpha)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any) -> list[str]:
+    """``text`` cut into lines no wider than ``width`` pixels (at word boundaries)."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) > width and line:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    lines.append(line)
+    return lines
+
+
+def _png(sheet: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
 
 
 def render_heatmaps(picture: Image.Image, labels: Sequence[str], maps: np.ndarray, scores: Sequence[float], height: int = 256) -> bytes:
@@ -354,27 +397,87 @@ def render_heatmaps(picture: Image.Image, labels: Sequence[str], maps: np.ndarra
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     for n, (label, relevance, score) in enumerate(zip(labels, maps, scores)):
-        heat = Image.fromarray((relevance * 255).astype(np.uint8), "L").resize((width, height), Image.Resampling.BICUBIC)
-        level = np.asarray(heat, dtype=np.float32) / 255.0
-        coloured = Image.fromarray(_colormap(level), "RGB")
-        # Opacity follows relevance, so regions that do not matter keep the photo visible.
-        alpha = Image.fromarray((255 * (0.1 + 0.6 * level)).astype(np.uint8), "L")
-        panel = Image.composite(coloured, base, alpha)
         x = pad + n * (panel_width + pad)
-        sheet.paste(panel, (x + (panel_width - width) // 2, pad))
-        words, lines, line = label.split(), [], ""
-        for word in words:  # wrap the phrase to the panel width
-            trial = f"{line} {word}".strip()
-            if draw.textlength(trial, font=font) > panel_width and line:
-                lines.append(line)
-                line = word
-            else:
-                line = trial
-        lines.append(line)
+        sheet.paste(_heat_panel(base, relevance), (x + (panel_width - width) // 2, pad))
+        lines = _wrap(draw, label, panel_width, font)
         title = ("query: " if n == 0 else "") + f"cos {score:.2f}"
         draw.text((x, height + pad + 2), title, fill=(90, 90, 90), font=font)
         for i, text_line in enumerate(lines[:2]):
             draw.text((x, height + pad + 15 + 12 * i), text_line, fill=(0, 0, 0), font=font)
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
+    return _png(sheet)
+
+
+def _figure_font(size: int = 12) -> tuple[Any, bool]:
+    """DejaVu Sans where the system has it (it draws "→"), else Pillow's default font; and
+    whether the font draws arrows."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size), True
+    except OSError:
+        return ImageFont.load_default(), False
+
+
+def render_attention_figure(
+    picture: Image.Image,
+    rows: Mapping[str, tuple[Sequence[str], Any]],
+    title: str,
+    height: int = 192,
+    max_columns: int = 10,
+) -> bytes:
+    """A PNG with one figure row per entry of ``rows`` (:meth:`PersonSearchMethod.visualize`:
+    title -> (labels, maps [n x h x w], non-negative)): the row title, then one panel per label,
+    the picture with that map blended on top and the label underneath.
+
+    Maps are divided by their row's maximum, so the panels of a row compare with each other; the
+    row title gives the row's range. Rows of more than ``max_columns`` panels wrap onto more lines.
+    """
+    font, arrows = _figure_font()
+    ascii_arrows = (lambda text: text) if arrows else (lambda text: text.replace("→", "->"))
+    prepared = []
+    for row_title, (labels, maps) in rows.items():
+        values = np.nan_to_num(torch.as_tensor(maps).detach().float().cpu().numpy(), nan=0.0, posinf=0.0)
+        if values.ndim != 3 or len(values) != len(labels):
+            raise ValueError(f"row {row_title!r}: expected maps [labels x h x w] for {len(labels)} labels, got shape {values.shape}")
+        if len(labels):
+            values = np.clip(values, 0.0, None)
+            scale = float(values.max())
+            normalised = values / scale if scale > 0 else np.zeros_like(values)
+            span = f"values {float(values.min()):.3g} to {scale:.3g}"  # equal ends: the maps are flat
+            prepared.append((f"{row_title}  ({span})", [str(label) for label in labels], normalised))
+    if not prepared:
+        raise ValueError("nothing to draw: every row of the figure is empty")
+
+    width = max(1, round(picture.width * height / picture.height))
+    base = picture.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    pad, line, label_lines = 8, 15, 3
+    panel_width = max(width, 130)
+    columns = min(max_columns, max(len(labels) for _, labels, _ in prepared))
+    sheet_width = pad + columns * (panel_width + pad)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    header = _wrap(measure, ascii_arrows(title), sheet_width - 2 * pad, font)
+    header.append("colour: blue = low, red = high; each row scaled to its own maximum")
+    panel_height = height + label_lines * line + pad
+    total = pad + len(header) * line + pad
+    for _, labels, _ in prepared:
+        total += line + pad // 2 + math.ceil(len(labels) / columns) * panel_height + pad
+    sheet = Image.new("RGB", (sheet_width, total), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for i, text_line in enumerate(header):
+        draw.text((pad, y), text_line, fill=(0, 0, 0) if i < len(header) - 1 else (110, 110, 110), font=font)
+        y += line
+    y += pad
+    for row_title, labels, normalised in prepared:
+        draw.text((pad, y), ascii_arrows(row_title), fill=(20, 60, 140), font=font)
+        y += line + pad // 2
+        for n, (label, relevance) in enumerate(zip(labels, normalised)):
+            if n and n % columns == 0:
+                y += panel_height
+            x = pad + (n % columns) * (panel_width + pad)
+            sheet.paste(_heat_panel(base, relevance), (x + (panel_width - width) // 2, y))
+            lines = _wrap(draw, ascii_arrows(label), panel_width, font)
+            if len(lines) > label_lines:
+                lines = lines[: label_lines - 1] + [lines[label_lines - 1] + " ..."]
+            for k, text_line in enumerate(lines):
+                draw.text((x, y + height + 2 + line * k), text_line, fill=(0, 0, 0), font=font)
+        y += panel_height + pad
+    return _png(sheet)

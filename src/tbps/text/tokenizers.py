@@ -21,6 +21,7 @@ __all__ = [
     "WordVocabulary",
     "default_text_model_path",
     "normalize_caption",
+    "token_strings",
 ]
 
 
@@ -168,6 +169,22 @@ class WordPieceTokenizer:
         """Text of a sequence of ids, special tokens removed."""
         ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def token_strings(caption: str, input_ids: Sequence[int] | torch.Tensor, tokenizer: WordPieceTokenizer | None = None) -> list[str]:
+    """What each token position of one encoded caption holds, for labelling attention figures.
+
+    With ``tokenizer``: its WordPiece tokens ("jean", "##s"), "" for special tokens and padding.
+    Without: the caption's words as :class:`WordVocabulary` encodes them (position ``i`` is word
+    ``i``; out-of-vocabulary words keep their text rather than ``<unk>``), "" past the last word.
+    """
+    ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
+    if tokenizer is not None:
+        special = set(tokenizer.tokenizer.all_special_ids)
+        tokens = tokenizer.tokenizer.convert_ids_to_tokens(ids)
+        return ["" if i in special else token for i, token in zip(ids, tokens)]
+    words = WordVocabulary.tokenize(caption)[: len(ids)]
+    return words + [""] * (len(ids) - len(words))
 
 
 # Words (letters/digits, keeping inner hyphens and apostrophes: "t-shirt", "man's") or single punctuation.

@@ -150,6 +150,9 @@ def print_tables(results: dict) -> None:
     print("| run | checkpoint | epoch | val R@1 | R@1 | R@5 | R@10 | mAP | mINP | train min |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, entry in results.items():
+        if "error" in entry:
+            print(f"| {name} | failed: {entry['error'][:120]} | | | | | | | | |")
+            continue
         report = entry["report"]
         for tag, checkpoint in report["checkpoints"].items():
             test = checkpoint["test"]
@@ -195,14 +198,19 @@ def main() -> None:
                 report_file.write_text(report_file.read_text().replace(str(Path(source).resolve()), str(target.resolve())))
         for name in args.runs:
             started = time.perf_counter()
-            report = train_run(name, args.data.resolve(), args.out.resolve(), args.set)
-            scored = score_run(name, report, args.top_k)
-            results[name] = {"report": report, "scored": scored, "wall_seconds": time.perf_counter() - started,
-                             "device": f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"}
+            try:
+                report = train_run(name, args.data.resolve(), args.out.resolve(), args.set)
+                scored = score_run(name, report, args.top_k)
+            except Exception as error:  # a diverging run is a result too; the queue goes on
+                results[name] = {"error": f"{type(error).__name__}: {error}", "wall_seconds": time.perf_counter() - started}
+                print(f"== {name} failed: {results[name]['error']}", flush=True)
+            else:
+                results[name] = {"report": report, "scored": scored, "wall_seconds": time.perf_counter() - started,
+                                 "device": f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"}
+                print(f"== {name} done in {results[name]['wall_seconds'] / 60:.1f} min", flush=True)
             args.out.mkdir(parents=True, exist_ok=True)
             with atomic_write(results_path) as handle:
                 json.dump(results, handle, indent=2)
-            print(f"== {name} done in {results[name]['wall_seconds'] / 60:.1f} min", flush=True)
     print_tables(results)
 
 

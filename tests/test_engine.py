@@ -92,7 +92,8 @@ def test_resume_continues_exactly(tiny_synthetic, tiny_config, tmp_path):
     # A Bi-LSTM text encoder keeps this fast and also checks that its vocabulary travels in
     # the checkpoint.
     extra = ("trainer.max_epochs=2", "model.text_backbone.name=bilstm", "model.text_backbone.hidden_size=64",
-             "model.text_backbone.embedding_dim=32", "model.text_backbone.min_count=1", "data.augment.random_erasing=0.3")
+             "model.text_backbone.embedding_dim=32", "model.text_backbone.min_count=1", "data.augment.random_erasing=0.3",
+             "eval.rerank=rvn", "eval.rvn_neighbours=3")
     straight = train(tiny_config(tiny_synthetic, tmp_path / "a", *extra, "trainer.run_name=straight"))
 
     interrupted_config = tiny_config(tiny_synthetic, tmp_path / "b", *extra, "trainer.run_name=resumed")
@@ -111,6 +112,24 @@ def test_resume_continues_exactly(tiny_synthetic, tiny_config, tmp_path):
         else:  # extra state, e.g. the Bi-LSTM vocabulary
             assert a[key] == b[key], key
     assert straight.report["checkpoints"]["last"]["test"] == resumed.report["checkpoints"]["last"]["test"]
+
+    # The config's eval section decides how validation, the test report and `tbps eval` score.
+    from tbps.cli.main import app
+    from tbps.data.readers import load_dataset
+    from tbps.evaluation.evaluator import evaluate_split
+
+    assert straight.report["scoring"] == {"rerank": "rvn", "top_k": 128, "rvn_neighbours": 3}
+    assert straight.report["checkpoints"]["last"]["eval_seconds"] > 0
+    method, _ = load_method(straight.last_checkpoint)
+    records = load_dataset("cuhk-pedes", tiny_synthetic).split("test")
+    reranked = evaluate_split(method, records, [64, 32], rerank="rvn", rvn_neighbours=3)
+    assert reranked["R1"] == pytest.approx(straight.report["checkpoints"]["last"]["test"]["R1"])
+    out = tmp_path / "eval.json"
+    cli = CliRunner().invoke(app, ["eval", "--checkpoint", str(straight.last_checkpoint), "--json", str(out)])
+    assert cli.exit_code == 0, cli.output
+    payload = json.loads(out.read_text())
+    assert payload["rerank"] == "rvn"
+    assert payload["metrics"]["text-to-image"]["mAP"] == pytest.approx(reranked["mAP"])
 
 
 def test_checkpoint_errors(tmp_path):

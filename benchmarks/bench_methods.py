@@ -82,6 +82,8 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "acsa-I": ("acsa/synthetic", MINILM + ["model.relations=I"]),                            # Table V row 1
     "acsa-I+II": ("acsa/synthetic", MINILM + ["model.relations=I+II"]),                      # Table V row 2
     "acsa-I-IV": ("acsa/synthetic", MINILM + ["model.relations=I-IV"]),                      # Table V row 4
+    # Diagnostic: ACSA's global branch with the baseline's CMPC weight (mu = 1 instead of 4).
+    "acsa-I-cmpc1": ("acsa/synthetic", MINILM + ["model.relations=I", "model.losses.cmpc=1.0"]),
     "isanet": ("isanet/synthetic", ISANET),                                                  # GA + ILA + RGL + CAF
     "isanet-GA": ("isanet/synthetic", ISANET + ["model.local_alignment=false", "model.rgl.mode=none", "model.caf.mode=none"]),
     "isanet-GA+ILA": ("isanet/synthetic", ISANET + ["model.rgl.mode=none", "model.caf.mode=none"]),

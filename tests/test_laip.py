@@ -497,3 +497,97 @@ def test_explain_returns_bidirectional_phrase_maps(laip):
     assert (maps >= 0).all()
     torch.testing.assert_close(maps.sum(dim=(1, 2)), torch.ones(len(phrases)))
     assert laip.training  # the caller's mode is restored
+
+
+# ------------------------------------------------------------------------------ ALBEF checkpoints
+def _albef_state(laip):
+    """An ALBEF-format retrieval state dict for ``laip``'s shapes, written from ALBEF's naming
+    (``text_encoder.bert.encoder.layer.i.crossattention.self.query``, ...), random values."""
+    torch.manual_seed(3)
+    state, expected = {}, {}
+
+    def put(albef_key, ours_key, tensor):
+        state[albef_key] = tensor
+        expected[ours_key] = tensor
+
+    for key, value in laip.image_backbone.net.state_dict().items():
+        if key != "pos_embed":
+            put(f"visual_encoder.{key}", f"image_backbone.net.{key}", torch.randn_like(value))
+    for key, value in laip.text_backbone.model.state_dict().items():
+        put(f"text_encoder.bert.{key}", f"text_backbone.model.{key}", torch.randn_like(value))
+    names = {"self.query": "query", "self.key": "key", "self.value": "value", "output.dense": "output", "output.LayerNorm": "norm"}
+    for j, block in enumerate(laip.cross_attention):
+        for albef, ours in names.items():
+            for kind in ("weight", "bias"):
+                value = getattr(getattr(block, ours), kind)
+                put(f"text_encoder.bert.encoder.layer.{laip.text_layers + j}.crossattention.{albef}.{kind}",
+                    f"cross_attention.{j}.{ours}.{kind}", torch.randn_like(value))
+    put("text_encoder.cls.predictions.transform.dense.weight", "mlm_head.dense.weight", torch.randn_like(laip.mlm_head.dense.weight))
+    put("text_encoder.cls.predictions.bias", "mlm_head.decoder.bias", torch.randn_like(laip.mlm_head.decoder.bias))
+    for albef, ours in (("vision_proj", "image_projection"), ("text_proj", "text_projection"), ("itm_head", "itm_head")):
+        for kind in ("weight", "bias"):
+            put(f"{albef}.{kind}", f"{ours}.{kind}", torch.randn_like(getattr(getattr(laip, ours), kind)))
+    state["temp"] = torch.tensor(0.05)
+    state["image_queue"] = torch.randn(32, 7)  # pretraining queues: no person ids, not loaded
+    state["idx_queue"] = torch.zeros(1, 7, dtype=torch.long)
+    state["text_encoder.bert.pooler.dense.weight"] = torch.randn(4, 4)
+    return state, expected
+
+
+def test_albef_checkpoint_loads_by_key_mapping(tmp_path):
+    """An ALBEF checkpoint (ViT-B/16 at 64x64 = a 4x4 grid) fills the model: every mapped tensor
+    lands where ALBEF's naming says, position embeddings are resampled to this model's grid, the
+    momentum copies start from the online weights, and the normalisation becomes ALBEF's."""
+    config = tiny_config(image_backbone={"name": "vit_b_16", "pretrained": False}, init_checkpoint={"format": "albef"})
+    model = create_method("laip", config, num_classes=3, image_size=(32, 16))  # 2x1 patch grid
+    assert model.image_mean_std == ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    state, expected = _albef_state(model)
+    state["visual_encoder.pos_embed"] = torch.randn(1, 1 + 4 * 4, 768)
+    path = tmp_path / "albef.pth"
+    torch.save({"model": state, "epoch": 5}, path)
+
+    report = model.load_albef(path)
+    own = model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(own[key], value), key
+    assert model.temperature.item() == pytest.approx(0.05)
+    assert own["image_backbone.net.pos_embed"].shape == (1, 3, 768)
+    assert torch.equal(own["image_backbone.net.pos_embed"][:, 0], state["visual_encoder.pos_embed"][:, 0])  # [CLS] kept
+    for online, momentum in model.momentum_parameter_pairs():
+        assert torch.equal(online, momentum)
+    assert torch.count_nonzero(own["image_queue"]) == 0
+    assert report["missing"] == ["mlm_head.dense.bias", "mlm_head.norm.bias", "mlm_head.norm.weight"]
+    assert torch.equal(own["mlm_head.decoder.weight"], expected["text_backbone.model.embeddings.word_embeddings.weight"])  # tied
+    assert {"image_queue", "idx_queue", "text_encoder.bert.pooler.dense.weight"} <= set(report["ignored"])
+
+
+def test_albef_checkpoint_errors(laip, tmp_path):
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"encoder.weight": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="holds no ALBEF weights"):
+        laip.load_albef(foreign)
+    early_cross = tmp_path / "early.pth"  # fusion from layer 1, the model's from layer 3
+    torch.save({"text_encoder.encoder.layer.1.crossattention.self.query.weight": torch.zeros(2)}, early_cross)
+    with pytest.raises(ValueError, match="text_layers"):
+        laip.load_albef(early_cross)
+    wrong_shape = tmp_path / "shape.pth"
+    torch.save({"vision_proj.weight": torch.zeros(5, 5)}, wrong_shape)
+    with pytest.raises(ValueError, match="vision_proj.weight has shape"):
+        laip.load_albef(wrong_shape)
+
+
+def test_model_rebuilt_from_tbps_checkpoint_does_not_need_the_albef_file(tmp_path):
+    from tbps.engine.checkpoint import load_method
+
+    albef = tmp_path / "albef.pth"
+    torch.save({"model": {"text_proj.weight": torch.full((32, 384), 0.5)}}, albef)
+    config = tiny_config(init_checkpoint={"format": "albef", "path": str(albef)})
+    model = create_method("laip", config, num_classes=3, image_size=IMAGE_SIZE)
+    assert torch.all(model.text_projection.weight == 0.5) and model.init_report["loaded"] == ["text_projection.weight"]
+    checkpoint = tmp_path / "run.ckpt"
+    torch.save({"tbps": {"method": "laip", "num_classes": 3, "config": {"model": config, "data": {"image_size": list(IMAGE_SIZE)}}},
+                "state_dict": {f"method.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    albef.unlink()
+    rebuilt, _ = load_method(checkpoint, expected_method="laip")
+    assert torch.all(rebuilt.text_projection.weight == 0.5)
+    assert rebuilt.image_mean_std == model.image_mean_std

@@ -59,6 +59,9 @@ def load_method(
     for section in ("image_backbone", "text_backbone"):
         if isinstance(model_config.get(section), dict):
             model_config[section] = {**model_config[section], "pretrained": False}
+    # Likewise the weights a method started training from (``model.init_checkpoint``, e.g. LAIP's ALBEF).
+    if isinstance(model_config.get("init_checkpoint"), dict):
+        model_config["init_checkpoint"] = {**model_config["init_checkpoint"], "path": None}
     method = create_method(meta["method"], model_config, meta["num_classes"], image_size=tuple(config["data"]["image_size"]))
     state = {k.removeprefix("method."): v for k, v in checkpoint["state_dict"].items() if k.startswith("method.")}
     missing, unexpected = method.load_state_dict(state, strict=False)

@@ -60,6 +60,7 @@ Ablation switches (Tables IV-VI, App. E), all under ``model``:
 from __future__ import annotations
 
 import copy
+import logging
 import zlib
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -81,6 +82,8 @@ from tbps.models.backbones.common import option
 from tbps.models.backbones.text import TransformerText
 from tbps.models.base import Features, PersonSearchMethod, TextProcessor
 from tbps.models.registry import register_method
+
+log = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("forward", "backward", "bidirectional")
 MASKED_MODELING = ("mpm", "mlm", "none")
@@ -381,6 +384,78 @@ def combine_attention(forward: Tensor, backward: Tensor | None, mode: str, epsil
 
 
 # =============================================================================================
+# ALBEF checkpoints
+# =============================================================================================
+
+ALBEF_MEAN = (0.48145466, 0.4578275, 0.40821073)
+ALBEF_STD = (0.26862954, 0.26130258, 0.27577711)
+# ALBEF's cross-attention sub-module names -> CrossAttentionBlock's.
+_ALBEF_CROSS = {
+    "self.query": "query", "self.key": "key", "self.value": "value",
+    "output.dense": "output", "output.LayerNorm": "norm",
+}
+_ALBEF_MLM = {"transform.dense": "dense", "transform.LayerNorm": "norm", "decoder": "decoder"}
+_ALBEF_DIRECT = {
+    "vision_proj": "image_projection", "text_proj": "text_projection",
+    "vision_proj_m": "momentum_image_projection", "text_proj_m": "momentum_text_projection",
+    "itm_head": "itm_head",
+}
+
+
+def albef_key(key: str, text_layers: int) -> str | None:
+    """This model's parameter name for an ALBEF state-dict key, or None when it has none.
+
+    ALBEF (github.com/salesforce/ALBEF) names: ``visual_encoder[_m].*`` (a timm-style ViT-B/16),
+    ``text_encoder[_m].[bert.]{embeddings, encoder.layer.i.*}`` with ``crossattention`` in the
+    fusion layers ``i >= text_layers``, ``text_encoder.cls.predictions.*`` (pretraining's MLM
+    head), ``vision_proj``, ``text_proj``, their ``_m`` copies, ``itm_head`` and ``temp``.
+    """
+    key = key.removeprefix("module.")
+    if key == "temp":
+        return "temperature"
+    head, _, rest = key.partition(".")
+    if head in _ALBEF_DIRECT:
+        return f"{_ALBEF_DIRECT[head]}.{rest}"
+    if head in ("visual_encoder", "visual_encoder_m"):
+        return f"{'momentum_image_backbone' if head.endswith('_m') else 'image_backbone'}.net.{rest}"
+    if head not in ("text_encoder", "text_encoder_m"):
+        return None
+    momentum = head.endswith("_m")
+    if rest.startswith("cls.predictions."):
+        if momentum:
+            return None
+        rest = rest.removeprefix("cls.predictions.")
+        if rest == "bias":
+            return "mlm_head.decoder.bias"
+        for albef, ours in _ALBEF_MLM.items():
+            if rest.startswith(albef + "."):
+                return f"mlm_head.{ours}.{rest.removeprefix(albef + '.')}"
+        return None
+    rest = rest.removeprefix("bert.")
+    if rest.startswith("pooler."):
+        return None
+    target = "momentum_text_encoder" if momentum else "text_backbone.model"
+    if not rest.startswith("encoder.layer."):
+        return f"{target}.{rest}"
+    index_text, _, inside = rest.removeprefix("encoder.layer.").partition(".")
+    index = int(index_text)
+    if momentum and index >= text_layers:
+        return None  # the momentum model here is unimodal: no fusion layers
+    if inside.startswith("crossattention."):
+        inside = inside.removeprefix("crossattention.")
+        for albef, ours in _ALBEF_CROSS.items():
+            if inside.startswith(albef + "."):
+                if index < text_layers:
+                    raise ValueError(
+                        f"the ALBEF checkpoint has cross-attention in layer {index}, but model.text_layers is "
+                        f"{text_layers}: set text_layers to ALBEF's fusion start (6 for BERT-base)"
+                    )
+                return f"cross_attention.{index - text_layers}.{ours}.{inside.removeprefix(albef + '.')}"
+        return None
+    return f"{target}.encoder.layer.{index}.{inside}"
+
+
+# =============================================================================================
 # The method
 # =============================================================================================
 
@@ -468,6 +543,69 @@ class LAIP(PersonSearchMethod):
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("current_epoch", torch.zeros((), dtype=torch.long))
+
+        # ---- 3. optional start from an ALBEF checkpoint (the paper fine-tunes ALBEF's weights)
+        init = option(config, "init_checkpoint") or {}
+        if init:
+            if str(option(init, "format", "albef")) != "albef":
+                raise ValueError(f"model.init_checkpoint.format must be 'albef', got {option(init, 'format')!r}")
+            if option(option(config, "image_backbone"), "mean") is None:
+                # ALBEF was trained on CLIP's normalisation; the weights expect it.
+                for backbone in (self.image_backbone, self.momentum_image_backbone):
+                    backbone.mean, backbone.std = ALBEF_MEAN, ALBEF_STD
+            if option(init, "path"):  # None when rebuilt from a tbps checkpoint, which carries the weights
+                self.init_report = report = self.load_albef(option(init, "path"))
+                log.info("ALBEF checkpoint %s: %d tensors loaded; not in it (kept as initialised): %d %s; ignored: %d %s",
+                         option(init, "path"), len(report["loaded"]), len(report["missing"]), report["missing"][:5],
+                         len(report["ignored"]), report["ignored"][:5])
+
+    def load_albef(self, path: str | Path) -> dict[str, list[str]]:
+        """Copy an ALBEF checkpoint's weights into this model by key mapping (:func:`albef_key`).
+
+        The ViT's position embeddings are resampled to this model's patch grid (ALBEF trains at
+        256x256 or 384x384). A shape mismatch or a checkpoint that fills nothing is an error;
+        parameters the checkpoint lacks (e.g. the MLM head of a retrieval checkpoint) keep their
+        initialisation and are listed in the returned report (``loaded``, ``missing``,
+        ``ignored``), as are its keys with no counterpart here (queues, pooler).
+        """
+        from tbps.models.backbones.common import load_state_dict_file
+
+        state = load_state_dict_file(path)
+        own = self.state_dict()
+        mapped: dict[str, Tensor] = {}
+        ignored = []
+        for key, value in state.items():
+            target = albef_key(key, self.text_layers)
+            if target is None or target not in own:
+                ignored.append(key)
+                continue
+            if target.endswith("net.pos_embed") and value.shape != own[target].shape:
+                from timm.layers import resample_abs_pos_embed
+
+                grid = tuple(self.image_backbone.grid)
+                value = resample_abs_pos_embed(value, new_size=list(grid), num_prefix_tokens=1)
+            if target == "temperature":
+                value = value.reshape(own[target].shape)
+            if value.shape != own[target].shape:
+                raise ValueError(
+                    f"ALBEF checkpoint {str(path)!r}: {key} has shape {tuple(value.shape)}, this model's {target} "
+                    f"{tuple(own[target].shape)} (check model.image_backbone / text_backbone: ALBEF is ViT-B/16 + BERT-base)"
+                )
+            mapped[target] = value.to(own[target].dtype)
+        if not mapped:
+            raise ValueError(f"{str(path)!r} holds no ALBEF weights (keys like visual_encoder.*, text_encoder.*)")
+        words = "text_backbone.model.embeddings.word_embeddings.weight"
+        if "mlm_head.decoder.weight" not in mapped and words in mapped:
+            mapped["mlm_head.decoder.weight"] = mapped[words]  # BERT ties the MLM decoder to the embeddings
+        self.load_state_dict(mapped, strict=False)
+        # Queues (ALBEF's hold features without person ids) start empty here.
+        missing = [key for key in own if key not in mapped and not key.startswith(("image_queue", "text_queue", "queue_", "current_epoch"))]
+        if not any(key.startswith("momentum_") for key in mapped):
+            # A checkpoint without momentum copies: start the EMA model from the online weights.
+            for online, momentum in self.momentum_parameter_pairs():
+                momentum.data.copy_(online.data)
+            missing = [key for key in missing if not key.startswith("momentum_")]
+        return {"loaded": sorted(mapped), "missing": sorted(missing), "ignored": sorted(ignored)}
 
     # ------------------------------------------------------------------ text input
     @property
@@ -847,7 +985,10 @@ class LAIP(PersonSearchMethod):
 
 
 __all__ = [
+    "ALBEF_MEAN",
+    "ALBEF_STD",
     "LAIP",
+    "albef_key",
     "LaipTextProcessor",
     "MaskedLanguageModelHead",
     "choose_mask_word",

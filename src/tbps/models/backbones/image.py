@@ -278,5 +278,12 @@ def create_image_backbone(config: Any, image_size: tuple[int, int] | None = None
     if image_size is not None:
         kwargs["image_size"] = tuple(int(v) for v in image_size)
     backbone = IMAGE_BACKBONES[name](**kwargs)
+    # Normalisation of other pretrained weights than the backbone's usual ones (e.g. ALBEF's).
+    for key in ("mean", "std"):
+        value = option(config, key)
+        if value is not None:
+            if len(value) != 3:
+                raise ValueError(f"model.image_backbone.{key} needs 3 values (R, G, B), got {value!r}")
+            setattr(backbone, key, tuple(float(v) for v in value))
     backbone.freeze_stages(int(option(config, "freeze_stages", 0)))
     return backbone

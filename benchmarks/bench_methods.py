@@ -68,7 +68,13 @@ ISANET = ["data.sampler=identity", "data.num_instances=4", "trainer.max_epochs=1
 # Validation (model selection) scores by ITC alone: ITM re-scoring of every val query each epoch
 # costs more than the training epoch on 2 cores. The best checkpoint is then scored the paper's
 # way, ITC top-k re-scored by ITM, for each --top-k.
-LAIP = ["optim.lr=1.0e-3", "optim.backbone_lr_mult=0.1", "model.local_losses_start_epoch=4", "eval.rerank=none"]
+# MiniLM's first 3 layers are LAIP's whole text encoder, so none is frozen: MiniLM's [CLS] is
+# untrained for sentences (it was trained with mean pooling), and at layer 3 it is the same vector
+# for every caption (cosine 1.000), so a frozen text encoder gives ITC a constant text feature.
+LAIP = ["optim.lr=1.0e-3", "optim.backbone_lr_mult=0.1", "model.local_losses_start_epoch=4", "eval.rerank=none",
+        "model.text_backbone.freeze_layers=0"]
+# The baseline's global recipe (avg+max image pooling, CMPC weight 1, lr 2e-3) inside ACSA.
+ACSA_BASELINE_RECIPE = ["model.image_pooling=avg+max", "model.losses.cmpc=1.0", "optim.lr=2.0e-3"]
 
 SUITE: dict[str, tuple[str, list[str]]] = {
     # name: (config, overrides on top of COMMON)
@@ -84,6 +90,8 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "acsa-I-IV": ("acsa/synthetic", MINILM + ["model.relations=I-IV"]),                      # Table V row 4
     # Diagnostic: ACSA's global branch with the baseline's CMPC weight (mu = 1 instead of 4).
     "acsa-I-cmpc1": ("acsa/synthetic", MINILM + ["model.relations=I", "model.losses.cmpc=1.0"]),
+    "acsa-I-baseline-recipe": ("acsa/synthetic", MINILM + ACSA_BASELINE_RECIPE + ["model.relations=I"]),
+    "acsa-baseline-recipe": ("acsa/synthetic", MINILM + ACSA_BASELINE_RECIPE),
     "isanet": ("isanet/synthetic", ISANET),                                                  # GA + ILA + RGL + CAF
     "isanet-GA": ("isanet/synthetic", ISANET + ["model.local_alignment=false", "model.rgl.mode=none", "model.caf.mode=none"]),
     "isanet-GA+ILA": ("isanet/synthetic", ISANET + ["model.rgl.mode=none", "model.caf.mode=none"]),

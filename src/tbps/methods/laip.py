@@ -502,6 +502,12 @@ class LAIP(PersonSearchMethod):
         if not 1 <= self.text_layers < total_layers:
             raise ValueError(f"text_layers must be in 1..{total_layers - 1} for this model, got {self.text_layers}")
         self.fusion_layers = total_layers - self.text_layers
+        if getattr(self.text_backbone, "frozen_layers", 0) >= self.text_layers:
+            log.warning(
+                "LAIP's whole text encoder (embeddings + %d layers) is frozen: its [CLS] is the ITC text feature and cannot "
+                "adapt (MiniLM's [CLS] is the same vector for every caption); lower model.text_backbone.freeze_layers",
+                self.text_layers,
+            )
         self.attention_layer = int(option(config, "attention_layer", max(0, self.fusion_layers - 2)))
         if not 0 <= self.attention_layer < self.fusion_layers:
             raise ValueError(f"attention_layer must be in 0..{self.fusion_layers - 1}, got {self.attention_layer}")

@@ -591,3 +591,29 @@ def test_model_rebuilt_from_tbps_checkpoint_does_not_need_the_albef_file(tmp_pat
     rebuilt, _ = load_method(checkpoint, expected_method="laip")
     assert torch.all(rebuilt.text_projection.weight == 0.5)
     assert rebuilt.image_mean_std == model.image_mean_std
+
+
+def test_mean_text_pooling_ignores_padding(laip, processor):
+    """``text_pooling: mean`` (MiniLM-style encoders): the ITC text vector is the mean of the real
+    tokens, so a caption's vector does not depend on how far its batch pads it."""
+    laip.eval()
+    short = "a girl with a long skirt"
+    longer = CAPTIONS[0] + " and a grey scarf, white socks and a small red umbrella in her left hand"
+    try:
+        laip.text_pooling = "mean"
+        with torch.no_grad():
+            alone = laip.encode_text(processor([short]))["global"][0]
+            batch = processor([short, longer])
+            padded = laip.encode_text(batch)["global"][0]
+            hidden = laip._text_tokens(batch["input_ids"], batch["attention_mask"])
+        assert int(batch["attention_mask"][0].sum()) < batch["attention_mask"].shape[1]  # really padded
+        assert torch.allclose(alone, padded, atol=1e-5)
+        real = int(batch["attention_mask"][0].sum())
+        expected = F.normalize(laip.text_projection(hidden[0, :real].mean(dim=0)), dim=-1)
+        assert torch.allclose(padded, expected, atol=1e-5)
+        laip.text_pooling = "cls"
+        with torch.no_grad():
+            cls = laip.encode_text(batch)["global"][0]
+        assert not torch.allclose(cls, padded, atol=1e-3)
+    finally:
+        laip.text_pooling = "cls"

@@ -55,6 +55,11 @@ Ablation switches (Tables IV-VI, App. E), all under ``model``:
 * ``attention_mode``: ``forward`` | ``backward`` | ``bidirectional`` (Table IV rows 3-5);
 * ``masked_modeling``: ``mpm`` | ``mlm`` (whole sentence) | ``none`` (Table V);
 * ``attention_layer`` (Fig. 6 left) and ``triplet_margin`` (Fig. 6 right).
+
+``text_pooling`` (``cls``, ALBEF's; or ``mean``) picks the text vector of ITC and BidirAtt: a
+text encoder trained with mean pooling, like the bundled MiniLM, has an untrained [CLS] (after
+MiniLM's first 3 layers it is the same vector for every caption). ``init_checkpoint`` starts from
+an ALBEF checkpoint (:meth:`LAIP.load_albef`).
 """
 
 from __future__ import annotations
@@ -481,6 +486,12 @@ class LAIP(PersonSearchMethod):
         self.mlm_probability = float(option(config, "mlm_probability", 0.15))
         self.local_losses_start_epoch = int(option(config, "local_losses_start_epoch", 0))
         self.triplet_margin = float(option(config, "triplet_margin", 0.6))
+        # The text vector of ITC / BidirAtt: ALBEF's [CLS]; ``mean`` over the real tokens for a text
+        # encoder trained with mean pooling (MiniLM: its [CLS] after 3 layers is one vector for
+        # every caption, so ITC would start from a constant text feature).
+        self.text_pooling = str(option(config, "text_pooling", "cls"))
+        if self.text_pooling not in ("cls", "mean"):
+            raise ValueError(f"text_pooling must be cls or mean, got {self.text_pooling!r}")
         self.score_batch_pairs = int(option(config, "score_batch_pairs", 1024))
         weights = option(config, "losses", {}) or {}
         self.loss_weights = {name: float(option(weights, name, 1.0)) for name in ("itc", "itm", "triplet", "mpm", "bidiratt")}
@@ -661,6 +672,13 @@ class LAIP(PersonSearchMethod):
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return hidden
 
+    def sentence_vector(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """The text encoder's vector for ITC: [CLS] (ALBEF) or the mean of the real tokens."""
+        if self.text_pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
     def fuse(
         self,
         text_hidden: Tensor,
@@ -692,7 +710,7 @@ class LAIP(PersonSearchMethod):
     def encode_text(self, text: Mapping[str, Tensor]) -> Features:
         hidden = self._text_tokens(text["input_ids"], text["attention_mask"])
         return {
-            "global": F.normalize(self.text_projection(hidden[:, 0]), dim=-1),
+            "global": F.normalize(self.text_projection(self.sentence_vector(hidden, text["attention_mask"])), dim=-1),
             "tokens": hidden,
             "mask": text["attention_mask"],
         }
@@ -723,7 +741,7 @@ class LAIP(PersonSearchMethod):
         text_hidden = self._text_tokens(text["input_ids"], text["attention_mask"], self.momentum_text_encoder)
         return (
             F.normalize(self.momentum_image_projection(image_tokens[:, 0]), dim=-1),
-            F.normalize(self.momentum_text_projection(text_hidden[:, 0]), dim=-1),
+            F.normalize(self.momentum_text_projection(self.sentence_vector(text_hidden, text["attention_mask"])), dim=-1),
         )
 
     @torch.no_grad()
@@ -870,7 +888,7 @@ class LAIP(PersonSearchMethod):
             guided = torch.einsum("pn,pnc->pc", weights, pair_tokens[:, 1:])  # eq. 8: v_bar
             # The phrase's own [CLS] comes from the unmasked phrase: with its key word masked it
             # would not describe what the image region should match.
-            phrase_cls = self._text_tokens(text["phrase_input_ids"][captions, slots], phrase_mask)[:, 0]
+            phrase_cls = self.sentence_vector(self._text_tokens(text["phrase_input_ids"][captions, slots], phrase_mask), phrase_mask)
             image_side = F.normalize(self.image_projection(guided), dim=-1)
             phrase_side = F.normalize(self.text_projection(phrase_cls), dim=-1)
             similarity = image_side @ phrase_side.t()  # eq. 9 for every pair of the batch
@@ -899,7 +917,7 @@ class LAIP(PersonSearchMethod):
         image_tokens = self._image_tokens(batch["images"], self.image_backbone, self.image_token_norm)
         text_hidden = self._text_tokens(text["input_ids"], text["attention_mask"])
         image_features = F.normalize(self.image_projection(image_tokens[:, 0]), dim=-1)
-        text_features = F.normalize(self.text_projection(text_hidden[:, 0]), dim=-1)
+        text_features = F.normalize(self.text_projection(self.sentence_vector(text_hidden, text["attention_mask"])), dim=-1)
         with torch.no_grad():
             self.temperature.clamp_(0.001, 0.5)
             self.momentum_update()

@@ -70,7 +70,7 @@ from tbps.models.attention import (
 )
 from tbps.models.backbones import create_image_backbone, create_text_backbone
 from tbps.models.backbones.common import option
-from tbps.models.base import Features, PersonSearchMethod, TextProcessor, index_features
+from tbps.models.base import Features, PersonSearchMethod, TextProcessor, index_features, pool_tokens
 from tbps.models.registry import register_method
 from tbps.text.phrases import NounPhraseExtractor, pad_phrases
 
@@ -226,8 +226,7 @@ def pool_sentence(tokens: Tensor, mask: Tensor, sentence: Tensor, mode: str) -> 
     if mode == "cls":
         return sentence
     if mode == "mean":
-        weights = mask.unsqueeze(-1).to(tokens.dtype)
-        return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return pool_tokens(tokens, mask, mode)
     raise ValueError(f"unknown text pooling {mode!r}; use cls or mean")
 
 

@@ -16,20 +16,8 @@ from torch import Tensor, nn
 from tbps.losses import CMPCLoss, cmpm_loss
 from tbps.models.backbones import create_image_backbone, create_text_backbone
 from tbps.models.backbones.common import option
-from tbps.models.base import Features, PersonSearchMethod, TextProcessor
+from tbps.models.base import Features, PersonSearchMethod, TextProcessor, pool_tokens
 from tbps.models.registry import register_method
-
-
-def pool_tokens(tokens: Tensor, mask: Tensor, mode: str) -> Tensor:
-    """Pool token features [B x L x H] over real tokens: "cls", "mean" or "max"."""
-    if mode == "cls":
-        return tokens[:, 0]
-    weights = mask.unsqueeze(-1).to(tokens.dtype)
-    if mode == "mean":
-        return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-    if mode == "max":
-        return tokens.masked_fill(weights == 0, float("-inf")).max(1).values
-    raise ValueError(f"unknown text pooling {mode!r}; use cls, mean or max")
 
 
 @register_method("baseline")

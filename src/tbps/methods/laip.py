@@ -83,9 +83,9 @@ from tbps.losses import (
 )
 from tbps.models.attention import CrossAttentionBlock
 from tbps.models.backbones import create_image_backbone, create_text_backbone
-from tbps.models.backbones.common import option
+from tbps.models.backbones.common import load_state_dict_file, option
 from tbps.models.backbones.text import TransformerText
-from tbps.models.base import Features, PersonSearchMethod, TextProcessor
+from tbps.models.base import Features, PersonSearchMethod, TextProcessor, pool_tokens
 from tbps.models.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -585,8 +585,6 @@ class LAIP(PersonSearchMethod):
         initialisation and are listed in the returned report (``loaded``, ``missing``,
         ``ignored``), as are its keys with no counterpart here (queues, pooler).
         """
-        from tbps.models.backbones.common import load_state_dict_file
-
         state = load_state_dict_file(path)
         own = self.state_dict()
         mapped: dict[str, Tensor] = {}
@@ -672,13 +670,6 @@ class LAIP(PersonSearchMethod):
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return hidden
 
-    def sentence_vector(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        """The text encoder's vector for ITC: [CLS] (ALBEF) or the mean of the real tokens."""
-        if self.text_pooling == "cls":
-            return hidden[:, 0]
-        weights = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
     def fuse(
         self,
         text_hidden: Tensor,
@@ -710,7 +701,7 @@ class LAIP(PersonSearchMethod):
     def encode_text(self, text: Mapping[str, Tensor]) -> Features:
         hidden = self._text_tokens(text["input_ids"], text["attention_mask"])
         return {
-            "global": F.normalize(self.text_projection(self.sentence_vector(hidden, text["attention_mask"])), dim=-1),
+            "global": F.normalize(self.text_projection(pool_tokens(hidden, text["attention_mask"], self.text_pooling)), dim=-1),
             "tokens": hidden,
             "mask": text["attention_mask"],
         }
@@ -741,7 +732,7 @@ class LAIP(PersonSearchMethod):
         text_hidden = self._text_tokens(text["input_ids"], text["attention_mask"], self.momentum_text_encoder)
         return (
             F.normalize(self.momentum_image_projection(image_tokens[:, 0]), dim=-1),
-            F.normalize(self.momentum_text_projection(self.sentence_vector(text_hidden, text["attention_mask"])), dim=-1),
+            F.normalize(self.momentum_text_projection(pool_tokens(text_hidden, text["attention_mask"], self.text_pooling)), dim=-1),
         )
 
     @torch.no_grad()
@@ -886,11 +877,12 @@ class LAIP(PersonSearchMethod):
         if want_bidiratt:
             weights = combine_attention(stream["forward"], stream.get("backward"), self.attention_mode)  # eq. 7
             guided = torch.einsum("pn,pnc->pc", weights, pair_tokens[:, 1:])  # eq. 8: v_bar
-            # The phrase's own [CLS] comes from the unmasked phrase: with its key word masked it
+            # The phrase's own vector comes from the unmasked phrase: with its key word masked it
             # would not describe what the image region should match.
-            phrase_cls = self.sentence_vector(self._text_tokens(text["phrase_input_ids"][captions, slots], phrase_mask), phrase_mask)
+            phrase_tokens = self._text_tokens(text["phrase_input_ids"][captions, slots], phrase_mask)
+            phrase_vector = pool_tokens(phrase_tokens, phrase_mask, self.text_pooling)
             image_side = F.normalize(self.image_projection(guided), dim=-1)
-            phrase_side = F.normalize(self.text_projection(phrase_cls), dim=-1)
+            phrase_side = F.normalize(self.text_projection(phrase_vector), dim=-1)
             similarity = image_side @ phrase_side.t()  # eq. 9 for every pair of the batch
             # Positives: the same phrase text of the same person (the pair itself, and repeats
             # of it from other captions of that person); everything else is a negative (eq. 10).
@@ -917,7 +909,7 @@ class LAIP(PersonSearchMethod):
         image_tokens = self._image_tokens(batch["images"], self.image_backbone, self.image_token_norm)
         text_hidden = self._text_tokens(text["input_ids"], text["attention_mask"])
         image_features = F.normalize(self.image_projection(image_tokens[:, 0]), dim=-1)
-        text_features = F.normalize(self.text_projection(self.sentence_vector(text_hidden, text["attention_mask"])), dim=-1)
+        text_features = F.normalize(self.text_projection(pool_tokens(text_hidden, text["attention_mask"], self.text_pooling)), dim=-1)
         with torch.no_grad():
             self.temperature.clamp_(0.001, 0.5)
             self.momentum_update()

@@ -65,7 +65,7 @@ from tbps.models.backbones import create_image_backbone, create_text_backbone
 from tbps.models.backbones.common import option
 from tbps.models.backbones.image import EfficientNetLite0, ImageBackbone, ResNet50
 from tbps.models.backbones.text import BiLSTMText, TextBackbone, TransformerText
-from tbps.models.base import Features, PersonSearchMethod, TextProcessor, index_features
+from tbps.models.base import Features, PersonSearchMethod, TextProcessor, index_features, pool_tokens
 from tbps.models.registry import register_method
 from tbps.text.split import split_sub_sentences, sub_sentence_token_spans, token_span_masks
 from tbps.text.tokenizers import token_strings
@@ -466,12 +466,6 @@ class TokenProjection(nn.Module):
         return self.net(features)
 
 
-def masked_mean(features: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the valid rows: ``[B, n, D]``, ``[B, n]`` -> ``[B, D]``."""
-    weights = mask.to(features.dtype).unsqueeze(-1)
-    return (features * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-
 # =============================================================================================
 # 3-5. The method: features, contextual non-local alignment, losses, similarity
 # =============================================================================================
@@ -610,7 +604,7 @@ class NAFS(PersonSearchMethod):
             scales.append(self.word_projection(parts.words))
             masks.append(parts.word_mask.to(sentence.dtype))
         if self.alignment == "concat":
-            return {"global": torch.cat([masked_mean(s, m) for s, m in zip(scales, masks)], dim=-1)}
+            return {"global": torch.cat([pool_tokens(s, m, "mean") for s, m in zip(scales, masks)], dim=-1)}
         features = {"global": sentence}
         if self.has_local:
             features["local"] = torch.cat(scales, dim=1)

@@ -44,6 +44,18 @@ def concat_features(chunks: Sequence[Mapping[str, Tensor]]) -> Features:
     return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
 
 
+def pool_tokens(tokens: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """Pool features [B x L x H] over their valid rows (mask 1, e.g. real tokens): "cls" (row 0), "mean" or "max"."""
+    if mode == "cls":
+        return tokens[:, 0]
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    if mode == "mean":
+        return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    if mode == "max":
+        return tokens.masked_fill(weights == 0, float("-inf")).max(1).values
+    raise ValueError(f"unknown text pooling {mode!r}; use cls, mean or max")
+
+
 def _identity_gather(tensor: Tensor) -> Tensor:
     return tensor
 

@@ -102,6 +102,8 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "laip": ("laip/synthetic", MINILM + LAIP),
     "laip-itc+itm": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0", "model.losses.bidiratt=0"]),
     "laip-+triplet": ("laip/synthetic", MINILM + LAIP + ["model.losses.mpm=0", "model.losses.bidiratt=0"]),
+    "laip-forward": ("laip/synthetic", MINILM + LAIP + ["model.attention_mode=forward"]),          # Table IV row 3
+    "laip-backward": ("laip/synthetic", MINILM + LAIP + ["model.attention_mode=backward"]),        # Table IV row 4
 }
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 

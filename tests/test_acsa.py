@@ -192,10 +192,27 @@ def test_encode_image_regions_come_from_the_spatial_parts(acsa):
     torch.manual_seed(5)  # same drop-connect draws
     feature_map = acsa.image_backbone(images).feature_maps[-1]
     pooled = pool_regions(feature_map, region_row_weights(feature_map.shape[2], BODY_GROUPS))
+    # feature_norm: layernorm (the default) normalises each pooled vector over its channels first.
+    pooled = F.layer_norm(pooled, pooled.shape[-1:], acsa.image_feature_norm.weight, acsa.image_feature_norm.bias)
     expected = torch.stack([projection(pooled[:, r]) for r, projection in enumerate(acsa.region_projections)], dim=1)
     assert features["regions"].shape == (3, 4, 32) and features["global"].shape == (3, 32)
     assert torch.allclose(features["regions"], expected, atol=1e-5)
-    assert torch.allclose(features["global"], acsa.global_image_projection(feature_map.mean(dim=(2, 3))), atol=1e-5)
+    global_pooled = feature_map.mean(dim=(2, 3))
+    global_pooled = (global_pooled - global_pooled.mean(1, keepdim=True)) / torch.sqrt(global_pooled.var(1, unbiased=False, keepdim=True) + 1e-5)
+    expected_global = acsa.global_image_projection(global_pooled * acsa.image_feature_norm.weight + acsa.image_feature_norm.bias)
+    assert torch.allclose(features["global"], expected_global, atol=1e-4)
+
+
+def test_feature_norm_none_feeds_the_fcs_the_raw_pooled_vectors():
+    method = build(feature_norm="none").eval()
+    images = torch.randn(2, 3, *IMAGE_SIZE)
+    with torch.no_grad():
+        feature_map = method.image_backbone(images).feature_maps[-1]
+        features = method.encode_image(images)
+    assert isinstance(method.image_feature_norm, torch.nn.Identity) and isinstance(method.text_feature_norm, torch.nn.Identity)
+    assert torch.allclose(features["global"], method.global_image_projection(feature_map.mean(dim=(2, 3))), atol=1e-5)
+    with pytest.raises(ValueError, match="feature_norm"):
+        build(feature_norm="batchnorm")
 
 
 # ------------------------------------------------------------------------------ text side

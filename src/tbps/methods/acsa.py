@@ -48,6 +48,9 @@ Ablation switches, all under ``model``:
   public code does: the same part/region grouping applied to channel chunks of the pooled
   global vector).
 * ``attention.directions``: both / image-to-text / text-to-image.
+* ``feature_norm``: ``layernorm`` (default) normalises the pooled backbone vectors (global,
+  regions, sentence, phrases) before their FCs, as Swin-T's and BERT's outputs already are;
+  ``none`` feeds the FCs the raw vectors.
 
 Visualisation: :meth:`ACSA.explain_pair` returns, for one image and one caption, which visual
 entity each noun phrase attends to (``alpha'`` of eq. 9); :func:`format_phrase_attention`
@@ -79,6 +82,7 @@ LOCAL_FEATURES = ("partition", "six-slices")
 REGION_SOURCES = ("spatial", "channel")
 TEST_SIMILARITIES = ("global+local", "local", "global")
 DIRECTIONS = ("both", "image-to-text", "text-to-image")
+FEATURE_NORMS = ("layernorm", "none")
 
 NUM_PARTS = 6
 # Parts (0-based) making up each body region (Sec. III-A): head = parts 1-2, upper body =
@@ -251,6 +255,7 @@ class ACSA(PersonSearchMethod):
         self.region_source = str(option(config, "region_source", "spatial"))
         self.test_similarity = str(option(config, "test_similarity", "global+local"))
         self.local_weight = float(option(config, "local_weight", 1.0))
+        self.feature_norm = str(option(config, "feature_norm", "layernorm"))
         # Memory budget (floats per [pairs x m x n] intermediate) of the tiled test similarity.
         self.similarity_max_elements = int(option(config, "similarity_max_elements", 1 << 23))
         for name, value, allowed in (
@@ -258,6 +263,7 @@ class ACSA(PersonSearchMethod):
             ("local_features", self.local_features, LOCAL_FEATURES),
             ("region_source", self.region_source, REGION_SOURCES),
             ("test_similarity", self.test_similarity, TEST_SIMILARITIES),
+            ("feature_norm", self.feature_norm, FEATURE_NORMS),
         ):
             if value not in allowed:
                 raise ValueError(f"model.{name} must be one of {allowed}, got {value!r}")
@@ -290,6 +296,12 @@ class ACSA(PersonSearchMethod):
         self.image_backbone = create_image_backbone(option(config, "image_backbone"), image_size=image_size)
         channels = self.image_backbone.out_channels
         self.region_groups = BODY_REGIONS if self.local_features == "partition" else SIX_SLICES
+        # Swin-T's pooled stage 4 and BERT's [CLS] leave a LayerNorm, and the paper uses them as
+        # they are (d = 768). Other backbones do not (EfficientNet's head is BN + ReLU6, all
+        # positive; a mean of MiniLM tokens is short), and a bare FC on them starts the CMPM/CMPC
+        # logits, whose scale is the feature norm, near uniform: ``feature_norm: layernorm`` puts
+        # every backbone's vectors on Swin/BERT's footing before the FCs.
+        self.image_feature_norm = nn.LayerNorm(channels) if self.feature_norm == "layernorm" else nn.Identity()
         self.global_image_projection = nn.Linear(channels, self.embed_dim)
         if self.uses_acam:
             widths = (
@@ -304,7 +316,9 @@ class ACSA(PersonSearchMethod):
 
         # ---- text (Sec. III-B)
         self.text_backbone = create_text_backbone(option(config, "text_backbone"))
-        self.text_projection = nn.Linear(self.text_backbone.hidden_size, self.embed_dim)
+        hidden = self.text_backbone.hidden_size
+        self.text_feature_norm = nn.LayerNorm(hidden) if self.feature_norm == "layernorm" else nn.Identity()
+        self.text_projection = nn.Linear(hidden, self.embed_dim)
 
         self.cmpc = CMPCLoss(self.embed_dim, max(self.num_classes, 1))
 
@@ -331,15 +345,15 @@ class ACSA(PersonSearchMethod):
         """``global`` ``[B, d]`` (``I_g``) and, with ACAM, ``regions`` ``[B, k, d]`` (``I_r``)."""
         feature_map = self.image_backbone(images).feature_maps[-1]
         pooled = pool_regions(feature_map, feature_map.new_ones(1, feature_map.shape[2]) / feature_map.shape[2], self.image_pooling)[:, 0]
-        features = {"global": self.global_image_projection(pooled)}
+        features = {"global": self.global_image_projection(self.image_feature_norm(pooled))}
         if not self.uses_acam:
             return features
         groups = [parts for _, parts in self.region_groups]
         if self.region_source == "spatial":
             weights = region_row_weights(feature_map.shape[2], groups)
-            regions = pool_regions(feature_map, weights, self.image_pooling).unbind(dim=1)
+            regions = self.image_feature_norm(pool_regions(feature_map, weights, self.image_pooling)).unbind(dim=1)
         else:
-            regions = channel_regions(pooled, groups)
+            regions = channel_regions(self.image_feature_norm(pooled), groups)
         features["regions"] = torch.stack(
             [projection(region) for projection, region in zip(self.region_projections, regions)], dim=1
         )
@@ -359,7 +373,7 @@ class ACSA(PersonSearchMethod):
 
     def _sentence_vectors(self, text: Mapping[str, Tensor]) -> Tensor:
         output = self.text_backbone(text)
-        return pool_sentence(output.tokens, output.mask, output.sentence, self.text_pooling)
+        return self.text_feature_norm(pool_sentence(output.tokens, output.mask, output.sentence, self.text_pooling))
 
     def encode_text(self, text: Mapping[str, Tensor]) -> Features:
         """``global`` ``[B, d]`` (``T_g``) and, with ACAM, ``phrases`` ``[B, M, d]`` (``T_p``, zeros

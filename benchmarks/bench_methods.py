@@ -100,10 +100,15 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "isanet-GA+ILA": ("isanet/synthetic", ISANET + ["model.rgl.mode=none", "model.caf.mode=none"]),
     "isanet-GA+ILA+RGL": ("isanet/synthetic", ISANET + ["model.caf.mode=none"]),
     "laip": ("laip/synthetic", MINILM + LAIP),
+    # Table IV: row 1 ITC + ITM; rows 3-5 + one attention (no MPM, no triplet); 8 = laip (all).
+    # Row 2 is row 1 fine-tuned on COCO first: no switch, no offline data.
     "laip-itc+itm": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0", "model.losses.bidiratt=0"]),
-    "laip-+triplet": ("laip/synthetic", MINILM + LAIP + ["model.losses.mpm=0", "model.losses.bidiratt=0"]),
-    "laip-forward": ("laip/synthetic", MINILM + LAIP + ["model.attention_mode=forward"]),          # Table IV row 3
-    "laip-backward": ("laip/synthetic", MINILM + LAIP + ["model.attention_mode=backward"]),        # Table IV row 4
+    "laip-+triplet": ("laip/synthetic", MINILM + LAIP + ["model.losses.mpm=0", "model.losses.bidiratt=0"]),  # row 8 without the local stream
+    "laip-forward": ("laip/synthetic", MINILM + LAIP + ["model.attention_mode=forward"]),    # row 8 with ForAtt for BidirAtt
+    "laip-backward": ("laip/synthetic", MINILM + LAIP + ["model.attention_mode=backward"]),  # row 8 with BackAtt for BidirAtt
+    "laip-row3": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0", "model.attention_mode=forward"]),
+    "laip-row5": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0"]),  # BidirAtt only
+    "laip-row7": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0"]),  # BidirAtt + MPM, no triplet
 }
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 

@@ -50,8 +50,10 @@ al., NeurIPS 2021), which LAIP extends. Equation numbers below are the paper's.
 
 Ablation switches (Tables IV-VI, App. E), all under ``model``:
 
-* ``losses.{itc, itm, triplet, mpm, bidiratt}`` weights: ITC+ITM only (triplet = mpm = bidiratt
-  = 0, Table IV rows 1-2), + fusion triplet, + BidirAtt, + MPM;
+* ``losses.{itc, itm, triplet, mpm, bidiratt}`` weights, Table IV's rows: 1 ITC + ITM (triplet =
+  mpm = bidiratt = 0); 3-5 + one attention (triplet = mpm = 0, ``attention_mode`` below); 6 + MPM
+  (triplet = bidiratt = 0); 7 + BidirAtt + MPM (triplet = 0); 8 all (LAIP). Row 2 is row 1 after
+  COCO fine-tuning: a checkpoint (``init_checkpoint``), not a switch;
 * ``attention_mode``: ``forward`` | ``backward`` | ``bidirectional`` (Table IV rows 3-5);
 * ``masked_modeling``: ``mpm`` | ``mlm`` (whole sentence) | ``none`` (Table V);
 * ``attention_layer`` (Fig. 6 left) and ``triplet_margin`` (Fig. 6 right).

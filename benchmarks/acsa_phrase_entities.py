@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from tbps.data.readers import load_dataset
 from tbps.data.records import load_image
 from tbps.engine.checkpoint import load_method
+from tbps.engine.datamodule import load_configured_dataset
 from tbps.search.index import image_transform
 
 BODY_PART_WORDS = {
@@ -41,8 +41,7 @@ def main() -> None:
         raise SystemExit(f"{args.checkpoint} is a {config['method']} checkpoint; this reads ACSA's phrase attention")
     method.eval()
     data = config["data"]
-    dataset = load_dataset(data["dataset"], data["root"], val_identity_fraction=float(data.get("val_identity_fraction", 0.1)),
-                           seed=int(config["seed"]))
+    dataset = load_configured_dataset(data, seed=int(config["seed"]))
     transform = image_transform(method, data["image_size"])
     processor = method.build_text_processor()
     counts = {part: collections.Counter() for part in BODY_PART_WORDS}

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from tbps.config import load_config
-from tbps.data.readers import load_dataset
 from tbps.engine.checkpoint import load_method
+from tbps.engine.datamodule import load_configured_dataset
 from tbps.engine.train import train
 from tbps.evaluation.evaluator import encode_image_batches, encode_text_batches, eval_loaders, score_features
 from tbps.evaluation.rank import rank
@@ -128,8 +128,7 @@ def score_run(name: str, report: dict, top_ks: list[int]) -> dict:
     checkpoint = report["checkpoints"]["best"]["path"]
     method, config = load_method(checkpoint)
     data = config["data"]
-    dataset = load_dataset(data["dataset"], data["root"], val_identity_fraction=float(data.get("val_identity_fraction", 0.1)),
-                           seed=int(config["seed"]))
+    dataset = load_configured_dataset(data, seed=int(config["seed"]))
     records = dataset.split("test")
     gallery, queries = eval_loaders(records, method, data["image_size"], batch_size=int(data["eval_batch_size"]))
     started = time.perf_counter()

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tbps.data.readers import load_dataset
 from tbps.data.records import load_image
 from tbps.engine.checkpoint import load_method
+from tbps.engine.datamodule import load_configured_dataset
 from tbps.models.base import pool_tokens
 from tbps.search.index import image_transform
 
@@ -43,8 +43,7 @@ def main() -> None:
         raise SystemExit(f"{args.checkpoint} is a {config['method']} checkpoint; this probes LAIP's fusion encoder")
     method.eval()
     data = config["data"]
-    dataset = load_dataset(data["dataset"], data["root"], val_identity_fraction=float(data.get("val_identity_fraction", 0.1)),
-                           seed=int(config["seed"]))
+    dataset = load_configured_dataset(data, seed=int(config["seed"]))
     records = dataset.split("test")[: 4 * args.pairs : 4]
     count = len(records)
     if count < 2:

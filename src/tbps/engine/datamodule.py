@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def load_configured_dataset(data_config: Any, seed: int = 0) -> PersonSearchDataset:
+    """The dataset a run's ``data`` config names (a mapping or a DictConfig), split as in training."""
     dataset = load_dataset(
-        data_config.dataset,
-        data_config.root,
+        data_config["dataset"],
+        data_config["root"],
         val_identity_fraction=float(data_config.get("val_identity_fraction", 0.1)),
         seed=seed,
     )

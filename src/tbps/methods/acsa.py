@@ -345,7 +345,8 @@ class ACSA(PersonSearchMethod):
         """``global`` ``[B, d]`` (``I_g``) and, with ACAM, ``regions`` ``[B, k, d]`` (``I_r``)."""
         feature_map = self.image_backbone(images).feature_maps[-1]
         pooled = pool_regions(feature_map, feature_map.new_ones(1, feature_map.shape[2]) / feature_map.shape[2], self.image_pooling)[:, 0]
-        features = {"global": self.global_image_projection(self.image_feature_norm(pooled))}
+        pooled = self.image_feature_norm(pooled)
+        features = {"global": self.global_image_projection(pooled)}
         if not self.uses_acam:
             return features
         groups = [parts for _, parts in self.region_groups]
@@ -353,7 +354,7 @@ class ACSA(PersonSearchMethod):
             weights = region_row_weights(feature_map.shape[2], groups)
             regions = self.image_feature_norm(pool_regions(feature_map, weights, self.image_pooling)).unbind(dim=1)
         else:
-            regions = channel_regions(self.image_feature_norm(pooled), groups)
+            regions = channel_regions(pooled, groups)
         features["regions"] = torch.stack(
             [projection(region) for projection, region in zip(self.region_projections, regions)], dim=1
         )

@@ -106,7 +106,7 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "laip-+triplet": ("laip/synthetic", MINILM + LAIP + ["model.losses.mpm=0", "model.losses.bidiratt=0"]),  # row 8 without the local stream
     "laip-forward": ("laip/synthetic", MINILM + LAIP + ["model.attention_mode=forward"]),    # row 8 with ForAtt for BidirAtt
     "laip-backward": ("laip/synthetic", MINILM + LAIP + ["model.attention_mode=backward"]),  # row 8 with BackAtt for BidirAtt
-    "laip-row3": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0", "model.attention_mode=forward"]),
+    "laip-row3": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0", "model.attention_mode=forward"]),  # ForAtt only
     "laip-row5": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0"]),  # BidirAtt only
     "laip-row7": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0"]),  # BidirAtt + MPM, no triplet
 }

@@ -17,6 +17,7 @@ from tbps.losses import (
     identity_aware_contrastive_loss,
     identity_mask,
     identity_match_targets,
+    sample_semi_hard_negatives,
     similarity_kl_alignment,
     soft_target_cross_entropy,
     triplet_ranking_loss,
@@ -242,7 +243,7 @@ def test_bidirectional_ranking_hand_computed_hardest_and_sum() -> None:
     # hardest: (0.1+0.1+0)/3 + (0+0.4+0)/3 = 0.2;  sum: (0.15+0.1)/3 + 0.4/3 = 0.65/3
     similarity = t(RANKING_S)
     assert_close(bidirectional_ranking_loss(similarity, margin=0.2), t(0.2))
-    assert_close(bidirectional_ranking_loss(similarity, margin=0.2, hardest=False), t(0.65 / 3))
+    assert_close(bidirectional_ranking_loss(similarity, margin=0.2, sampling="all"), t(0.65 / 3))
     assert_close(bidirectional_ranking_loss(similarity, margin=0.2, reduction="sum"), t(0.6))
 
 
@@ -259,7 +260,7 @@ def test_bidirectional_ranking_positive_mask_excludes_same_id_negatives() -> Non
 def test_bidirectional_ranking_zero_when_positives_win_by_margin() -> None:
     similarity = torch.full((3, 3), 0.1, dtype=DOUBLE) + 0.5 * torch.eye(3, dtype=DOUBLE)
     assert bidirectional_ranking_loss(similarity, margin=0.2).item() == 0.0
-    assert bidirectional_ranking_loss(similarity, margin=0.2, hardest=False).item() == 0.0
+    assert bidirectional_ranking_loss(similarity, margin=0.2, sampling="all").item() == 0.0
     assert bidirectional_ranking_loss(similarity, margin=0.6).item() > 0.0
 
 
@@ -312,6 +313,89 @@ def test_triplet_ranking_weak_supervision_composition() -> None:
     image_term = triplet_ranking_loss(s_bar.diagonal(), s, 0.3, negatives)
     text_term = triplet_ranking_loss(s_bar.diagonal(), s_bar.t(), 0.3, negatives.t())
     assert_close(image_term + text_term, t(0.175))
+
+
+# SSAN's semi-hard sampling (ISANet eq. 18 follows SSAN's CRLoss). Four identities, margin 0.2,
+# positives on the diagonal (0.8, 0.5, 0.9, 0.4). A negative is semi-hard when 0 < hinge < margin,
+# i.e. pos - margin < neg < pos.
+#   image rows   i0: j1 0.1, j2 0.06 (both semi-hard)  j3 < 0
+#                i1: j2 0.15 (semi-hard)               j3 0.45 hard (neg > pos): left out;  j0 < 0
+#                i2: every hinge < 0                   -> skipped
+#                i3: j2 0.05 (semi-hard)               j1 0.22 hard: left out;  j0 < 0
+#   text columns t0: none; t1: i2 0.01, i3 0.12 (semi-hard), i0 0.4 hard; t2: none; t3: i0 0.1, i1 0.55 hard
+SEMI_HARD_S = [
+    [0.80, 0.70, 0.66, 0.30],
+    [0.20, 0.50, 0.45, 0.75],
+    [0.58, 0.31, 0.90, 0.10],
+    [0.10, 0.42, 0.25, 0.40],
+]
+
+
+def test_semi_hard_sampler_draws_uniformly_from_the_semi_hard_set_only() -> None:
+    similarity = t(SEMI_HARD_S)
+    hinges = 0.2 - similarity.diagonal().unsqueeze(1) + similarity
+    valid = ~torch.eye(4, dtype=torch.bool)
+    torch.manual_seed(0)
+    counts = torch.zeros(4, 4)
+    for _ in range(2000):
+        index, found = sample_semi_hard_negatives(hinges, t([0.2] * 4), valid)
+        assert found.tolist() == [True, True, False, True]
+        counts[torch.arange(4)[found], index[found]] += 1
+    assert counts[0, 1] + counts[0, 2] == 2000 and abs(counts[0, 1].item() - 1000) < 120  # uniform over {j1, j2}
+    assert counts[1, 2] == 2000 and counts[3, 2] == 2000  # the hard negatives (i1 j3, i3 j1) are never drawn
+    # torch's global generator decides (the engine re-seeds it per batch), numpy's does not
+    torch.manual_seed(7)
+    first = sample_semi_hard_negatives(hinges, t([0.2] * 4), valid)[0]
+    torch.manual_seed(7)
+    import numpy as np
+
+    np.random.seed(123)
+    assert torch.equal(sample_semi_hard_negatives(hinges, t([0.2] * 4), valid)[0], first)
+
+
+def test_semi_hard_ranking_sums_one_drawn_triplet_per_anchor_and_skips_the_rest() -> None:
+    similarity = t(SEMI_HARD_S)
+    # image anchors: i0 in {0.1, 0.06}, i1 0.15, i2 skipped, i3 0.05; text anchors: t1 in {0.01, 0.12}, t3 0.1
+    possible = {round(a + 0.15 + 0.05 + b + 0.1, 6) for a in (0.1, 0.06) for b in (0.01, 0.12)}
+    seen = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        loss = bidirectional_ranking_loss(similarity, margin=0.2, sampling="semi-hard-random", reduction="sum")
+        seen.add(round(loss.item(), 6))
+    assert seen == possible  # every combination of draws occurs, and nothing else
+    # the hardest negative gives another loss: i1 and t1, t3 would take their hard negatives
+    assert bidirectional_ranking_loss(similarity, margin=0.2, reduction="sum").item() == pytest.approx(0.1 + 0.45 + 0.22 + 0.4 + 0.55)
+    # mean divides each direction by its number of anchors (4), skipped anchors included
+    torch.manual_seed(3)
+    total = bidirectional_ranking_loss(similarity, margin=0.2, sampling="semi-hard-random", reduction="sum")
+    torch.manual_seed(3)
+    mean = bidirectional_ranking_loss(similarity, margin=0.2, sampling="semi-hard-random", reduction="mean")
+    assert_close(mean, total / 4)
+
+
+def test_semi_hard_ranking_per_anchor_margin_and_gradient_on_the_drawn_triplets_only() -> None:
+    similarity = t(SEMI_HARD_S).requires_grad_(True)
+    valid = ~torch.eye(4, dtype=torch.bool)
+    # anchor i2 with margin 0.4: j0 (0.58 > 0.9 - 0.4) becomes semi-hard (hinge 0.08)
+    torch.manual_seed(0)
+    loss = triplet_ranking_loss(similarity.diagonal(), similarity, t([0.2, 0.2, 0.4, 0.2]), valid, "semi-hard-random", "sum")
+    assert round(loss.item(), 6) in {round(0.1 + 0.15 + 0.08 + 0.05, 6), round(0.06 + 0.15 + 0.08 + 0.05, 6)}
+    loss.backward()
+    grad = similarity.grad
+    assert grad[1, 2] == 1 and grad[1, 3] == 0 and grad[2, 0] == 1 and grad[3, 2] == 1 and grad[3, 1] == 0
+    assert grad[0, 1] + grad[0, 2] == 1  # one of i0's two semi-hard negatives
+    assert_close(grad.diagonal(), t([-1.0, -1.0, -1.0, -1.0]))
+
+
+def test_semi_hard_ranking_without_any_semi_hard_negative_is_zero_and_differentiable() -> None:
+    # positives win by more than the margin everywhere: SSAN would score its last anchor; we give 0
+    similarity = (torch.full((3, 3), 0.1, dtype=DOUBLE) + 0.5 * torch.eye(3, dtype=DOUBLE)).requires_grad_(True)
+    loss = bidirectional_ranking_loss(similarity, margin=0.2, sampling="semi-hard-random", reduction="sum")
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert_close(similarity.grad, torch.zeros_like(similarity))
+    with pytest.raises(ValueError, match="sampling"):
+        bidirectional_ranking_loss(similarity, sampling="semi-hard")  # type: ignore[arg-type]
 
 
 def test_triplet_ranking_rejects_bad_reduction_and_shape() -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "identity_aware_contrastive_loss",
     "identity_mask",
     "identity_match_targets",
+    "sample_semi_hard_negatives",
     "similarity_kl_alignment",
     "soft_target_cross_entropy",
     "triplet_ranking_loss",
@@ -209,8 +210,12 @@ class IdentityLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Triplet ranking losses (ISANet eqs. 18-20, VSE++, LAIP fusion triplet)
+# Triplet ranking losses (ISANet eqs. 18-20 after SSAN, VSE++, LAIP fusion triplet)
 # --------------------------------------------------------------------------------------------
+
+NegativeSampling = Literal["hardest", "semi-hard-random", "all"]
+NEGATIVE_SAMPLINGS: tuple[str, ...] = ("hardest", "semi-hard-random", "all")
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 
 
 def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
@@ -221,20 +226,64 @@ def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+def sample_semi_hard_negatives(hinges: Tensor, margin: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One negative per anchor, drawn uniformly from its semi-hard set (SSAN's ``CRLoss``).
+
+    The semi-hard set of anchor ``a`` is ``{k : 0 < hinges[a, k] < margin[a]}`` among the valid
+    candidates, with ``hinges[a, k] = margin[a] - s(a, p) + s(a, n_k)`` (before the ``[.]_+``):
+    negatives less similar to the anchor than its positive, but by less than the margin.
+    Negatives that already beat the positive (``hinge >= margin``) are left out, as in SSAN, so
+    collapsed features (every similarity near one value) do not all pull on the same hardest
+    pair. The draw uses torch's global generator (``torch.rand``: the engine re-seeds it per
+    batch), one uniform key per candidate and the largest key among the semi-hard ones, so every
+    member of the set is equally likely. Selection only: call it on detached values.
+
+    Args:
+        hinges: ``[A, K]`` hinge values before the ``[.]_+``.
+        margin: ``[A]`` (or scalar) margin of each anchor.
+        valid: ``[A, K]`` bool, candidates allowed as negatives; ``None`` means all.
+
+    Returns:
+        ``(index [A] long, found [A] bool)``: the drawn column per anchor (meaningless where
+        ``found`` is False: the anchor has an empty semi-hard set and is skipped).
+    """
+    margin = torch.as_tensor(margin, dtype=hinges.dtype, device=hinges.device)
+    margin_column = margin.reshape(-1, 1) if margin.dim() == 1 else margin
+    semi_hard = (hinges > 0) & (hinges < margin_column)
+    if valid is not None:
+        semi_hard = semi_hard & valid.to(torch.bool)
+    if hinges.shape[1] == 0:  # no candidate at all: nothing to draw
+        return hinges.new_zeros(hinges.shape[0], dtype=torch.long), semi_hard.any(dim=1)
+    keys = torch.rand(hinges.shape, device=hinges.device).masked_fill(~semi_hard, -1.0)
+    return keys.argmax(dim=1), semi_hard.any(dim=1)
+
+
 def triplet_ranking_loss(
     positive_similarity: Tensor,
     negative_similarity: Tensor,
     margin: float | Tensor = 0.2,
     valid_negatives: Tensor | None = None,
-    hardest: bool = True,
+    sampling: NegativeSampling = "hardest",
     reduction: Reduction = "mean",
 ) -> Tensor:
     """Hinge triplet loss on similarity values: ``[margin - s(a, p) + s(a, n)]_+`` per anchor.
 
     The generic building block of ISANet eqs. 18 and 20 and LAIP's fusion triplet (its eq. 20).
     For anchor ``a`` the candidates ``n`` are the entries of ``negative_similarity[a]`` where
-    ``valid_negatives`` is True; the anchor's term is the hinge of the hardest candidate
-    (``hardest=True``, VSE++) or the sum of hinges over all candidates.
+    ``valid_negatives`` is True. Which candidates make the anchor's term (``sampling``):
+
+    * ``"hardest"``: the hinge of the most similar candidate (VSE++);
+    * ``"semi-hard-random"``: the hinge of ONE candidate drawn uniformly from the anchor's
+      semi-hard set ``0 < hinge < margin`` (:func:`sample_semi_hard_negatives`), SSAN's
+      ``CRLoss`` (Ding et al. 2021, the ranking loss ISANet eq. 18 follows). The draw is made
+      on detached values; the gradient flows through the drawn triplet only. An anchor with an
+      empty semi-hard set contributes nothing. (When no anchor of the batch has one, SSAN's code
+      scores its last anchor against that anchor's first negative; here the loss is then 0,
+      still attached to the graph.)
+    * ``"all"``: the sum of the hinges over every candidate.
+
+    ``reduction`` is over anchors: ``"sum"`` (SSAN) or ``"mean"`` (divided by the number of
+    anchors, those that contribute nothing included).
 
     Examples of composition (``S[i, j] = S(v_i, t_j)``, ``Sbar[i, j] = S(v_i, tbar_j)`` with
     ``tbar`` another caption of the same identity, ``neg = ~identity_mask(ids)``):
@@ -247,15 +296,19 @@ def triplet_ranking_loss(
     Args:
         positive_similarity: ``[A]`` similarity of each anchor with its positive.
         negative_similarity: ``[A, K]`` candidate negative similarities, or ``[A]`` (one each).
-        margin: scalar margin, or ``[A]`` per-anchor margins (e.g. adaptive margins).
+        margin: scalar margin, or ``[A]`` per-anchor margins (e.g. SSAN's adaptive margins).
         valid_negatives: ``[A, K]`` bool, True where the entry may serve as a negative;
             ``None`` means all. An anchor without any valid negative contributes 0.
-        hardest: hardest negative only (max) if True, else the sum over negatives.
+        sampling: ``"hardest"``, ``"semi-hard-random"`` or ``"all"`` (see above).
         reduction: ``"mean"`` or ``"sum"`` over anchors.
 
     Returns:
         Scalar loss tensor.
     """
+    if sampling not in NEGATIVE_SAMPLINGS:
+        raise ValueError(f"sampling must be one of {NEGATIVE_SAMPLINGS}, got {sampling!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if negative_similarity.dim() == 1:
         negative_similarity = negative_similarity.unsqueeze(1)
         if valid_negatives is not None:
@@ -265,15 +318,24 @@ def triplet_ranking_loss(
             "negative_similarity must be [A] or [A, K] with A = len(positive_similarity), got "
             f"{tuple(negative_similarity.shape)} vs {tuple(positive_similarity.shape)}"
         )
-    margin_column = torch.as_tensor(margin, dtype=negative_similarity.dtype, device=negative_similarity.device)
-    if margin_column.dim() == 1:
-        margin_column = margin_column.unsqueeze(1)
-    hinges = (margin_column - positive_similarity.unsqueeze(1) + negative_similarity).clamp(min=0)
+    margin_tensor = torch.as_tensor(margin, dtype=negative_similarity.dtype, device=negative_similarity.device)
+    margin_column = margin_tensor.unsqueeze(1) if margin_tensor.dim() == 1 else margin_tensor
+    raw_hinges = margin_column - positive_similarity.unsqueeze(1) + negative_similarity
+    if sampling == "semi-hard-random":
+        with torch.no_grad():
+            margins = margin_tensor.expand(positive_similarity.shape[0]) if margin_tensor.dim() == 0 else margin_tensor
+            index, found = sample_semi_hard_negatives(raw_hinges.detach(), margins, valid_negatives)
+        chosen = raw_hinges.gather(1, index.unsqueeze(1)).squeeze(1).clamp(min=0)
+        # Multiplying by the 0/1 flag (not indexing) keeps the loss attached to the graph even
+        # when no anchor has a semi-hard negative: then the loss is 0 with zero gradients.
+        per_anchor = chosen * found.to(chosen.dtype)
+        return _reduce(per_anchor, reduction)
+    hinges = raw_hinges.clamp(min=0)
     if valid_negatives is not None:
         # Zeroing the hinge (rather than setting the similarity to -inf) keeps the graph free of
         # infinities; the hinge is monotone in s(a, n), so max over hinges = hinge of the hardest.
         hinges = hinges * valid_negatives.to(hinges.dtype)
-    per_anchor = hinges.max(dim=1).values if hardest else hinges.sum(dim=1)
+    per_anchor = hinges.max(dim=1).values if sampling == "hardest" else hinges.sum(dim=1)
     return _reduce(per_anchor, reduction)
 
 
@@ -281,17 +343,19 @@ def bidirectional_ranking_loss(
     similarity: Tensor,
     positive_mask: Tensor | None = None,
     margin: float | Tensor = 0.2,
-    hardest: bool = True,
+    sampling: NegativeSampling = "hardest",
     reduction: Reduction = "mean",
 ) -> Tensor:
-    """Bidirectional triplet ranking loss over a square similarity matrix (ISANet eq. 18, VSE++).
+    """Bidirectional triplet ranking loss over a square similarity matrix (ISANet eq. 18, VSE++, SSAN).
 
     ``similarity[i, j] = S(v_i, t_j)``; the diagonal holds the matched pairs. Image direction:
     for each image ``i``, ``[m - S(i, i) + S(i, j)]_+`` over negative texts ``j`` (first term of
     eq. 18, read with ``S(v_p, t_n)`` since eq. 18 as printed has ``S(v_n, t_n)``, a typo: the
     second term is the text anchor's). Text direction: for each text ``j``,
     ``[m - S(j, j) + S(i, j)]_+`` over negative images ``i`` (second term). Each direction is
-    reduced over its anchors, and the two are summed.
+    reduced over its anchors, and the two are summed. With ``sampling="semi-hard-random"`` and
+    ``reduction="sum"`` this is SSAN's ``CRLoss`` on one similarity matrix: the image anchors
+    draw first, then the text anchors, from torch's global generator.
 
     Also serves ISANet's content-consistency loss (eq. 20) with
     ``similarity[i, j] = S(f_before_i, f_after_j)``: the two terms are the two directions.
@@ -301,7 +365,7 @@ def bidirectional_ranking_loss(
         positive_mask: ``[B, B]`` bool, True for pairs that must not be used as negatives
             (same identity, e.g. ``identity_mask(ids)``); the diagonal is always excluded.
         margin: margin ``alpha_1`` (scalar, or ``[B]`` per anchor, used in both directions).
-        hardest: hardest in-batch negative (True) or sum over all negatives.
+        sampling: ``"hardest"``, ``"semi-hard-random"`` or ``"all"`` (:func:`triplet_ranking_loss`).
         reduction: ``"mean"`` or ``"sum"`` over anchors, per direction.
 
     Returns:
@@ -317,8 +381,8 @@ def bidirectional_ranking_loss(
         not_negative = not_negative | positive_mask.to(torch.bool)
     valid = ~not_negative
     positives = similarity.diagonal()
-    image_anchor = triplet_ranking_loss(positives, similarity, margin, valid, hardest, reduction)
-    text_anchor = triplet_ranking_loss(positives, similarity.t(), margin, valid.t(), hardest, reduction)
+    image_anchor = triplet_ranking_loss(positives, similarity, margin, valid, sampling, reduction)
+    text_anchor = triplet_ranking_loss(positives, similarity.t(), margin, valid.t(), sampling, reduction)
     return image_anchor + text_anchor
 
 

@@ -735,7 +735,7 @@ class ISANet(PersonSearchMethod):
             similarity = cosine_matrix(image_feature, text_feature)  # S[i, j] = S(v_i, t_j)
             if self.rank_weight:
                 losses[f"rank_{name}"] = self.rank_weight * bidirectional_ranking_loss(
-                    similarity, same_identity, self.rank_margin, hardest=True
+                    similarity, same_identity, self.rank_margin, sampling="hardest"
                 )
             if self.rank_weight and self.weak_weight:
                 losses[f"rank_{name}_weak"] = (
@@ -748,7 +748,7 @@ class ISANet(PersonSearchMethod):
             before = maps["localized"].mean(dim=(2, 3))
             after = maps["filtered"].mean(dim=(2, 3))
             losses["consistency"] = self.consistency_weight * bidirectional_ranking_loss(
-                cosine_matrix(before, after), same_identity, self.consistency_margin, hardest=True
+                cosine_matrix(before, after), same_identity, self.consistency_margin, sampling="hardest"
             )
         return losses
 

@@ -113,12 +113,18 @@ SUITE: dict[str, tuple[str, list[str]]] = {
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
-def train_run(name: str, data: Path, out: Path, extra: list[str]) -> dict:
+def run_key(name: str, seed: int) -> str:
+    """Results key and run folder of one run: seed 0 keeps the bare name (earlier results)."""
+    return name if seed == 0 else f"{name}@seed{seed}"
+
+
+def train_run(name: str, seed: int, data: Path, out: Path, extra: list[str]) -> dict:
     config_name, overrides = SUITE[name]
-    run_dir = out / "runs" / name
+    key = run_key(name, seed)
+    run_dir = out / "runs" / key
     if not (run_dir / "report.json").is_file():
-        config = load_config(config_name, [*COMMON, *overrides, f"data.root={data}", f"trainer.output_dir={out / 'runs'}",
-                                           f"trainer.run_name={name}", *extra])
+        config = load_config(config_name, [*COMMON, *overrides, f"seed={seed}", f"data.root={data}",
+                                           f"trainer.output_dir={out / 'runs'}", f"trainer.run_name={key}", *extra])
         train(config)
     return json.loads((run_dir / "report.json").read_text())
 
@@ -195,12 +201,35 @@ def print_tables(results: dict) -> None:
                   + f" | {encode} | {row['seconds']:.2f} | {row['ms_per_query']:.2f} |")
 
 
+def print_seed_summary(results: dict) -> None:
+    """Mean ± half-range over the seeds of each run that has more than one (best-on-val and last)."""
+    by_run: dict[str, list[dict]] = {}
+    for key, entry in results.items():
+        if "report" in entry:
+            by_run.setdefault(key.split("@seed")[0], []).append(entry["report"]["checkpoints"])
+    rows = {name: runs for name, runs in by_run.items() if len(runs) > 1}
+    if not rows:
+        return
+    print()
+    print("| run | seeds | best-on-val R@1 | best-on-val mAP | last R@1 | last mAP |")
+    print("|---|---|---|---|---|---|")
+    for name, runs in rows.items():
+        cells = []
+        for tag in ("best", "last"):
+            for metric in ("R1", "mAP"):
+                values = [run[tag]["test"][metric] for run in runs if tag in run]
+                mean = sum(values) / len(values)
+                cells.append(f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}")
+        print(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="the synthetic benchmark (CUHK-PEDES layout)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs", nargs="*", default=[], choices=sorted(SUITE))
     parser.add_argument("--adopt", nargs="*", default=[], metavar="NAME=RUN_DIR")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="train each run once per seed (seed 0 first)")
     parser.add_argument("--top-k", type=int, nargs="*", default=[16, 64, 128])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run (last wins)")
     parser.add_argument("--table", action="store_true", help="only print the tables from OUT/results.json")
@@ -218,22 +247,26 @@ def main() -> None:
                 shutil.copytree(source, target)
                 report_file = target / "report.json"  # point the report at the copied checkpoints
                 report_file.write_text(report_file.read_text().replace(str(Path(source).resolve()), str(target.resolve())))
-        for name in args.runs:
-            started = time.perf_counter()
-            try:
-                report = train_run(name, args.data.resolve(), args.out.resolve(), args.set)
-                scored = score_run(name, report, args.top_k)
-            except Exception as error:  # a diverging run is a result too; the queue goes on
-                results[name] = {"error": f"{type(error).__name__}: {error}", "wall_seconds": time.perf_counter() - started}
-                print(f"== {name} failed: {results[name]['error']}", flush=True)
-            else:
-                results[name] = {"report": report, "scored": scored, "wall_seconds": time.perf_counter() - started,
-                                 "device": f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"}
-                print(f"== {name} done in {results[name]['wall_seconds'] / 60:.1f} min", flush=True)
-            args.out.mkdir(parents=True, exist_ok=True)
-            with atomic_write(results_path) as handle:
-                json.dump(results, handle, indent=2)
+        for seed in args.seeds:
+            for name in args.runs:
+                key = run_key(name, seed)
+                started = time.perf_counter()
+                try:
+                    report = train_run(name, seed, args.data.resolve(), args.out.resolve(), args.set)
+                    scored = score_run(name, report, args.top_k)
+                except Exception as error:  # a diverging run is a result too; the queue goes on
+                    results[key] = {"error": f"{type(error).__name__}: {error}", "wall_seconds": time.perf_counter() - started}
+                    print(f"== {key} failed: {results[key]['error']}", flush=True)
+                else:
+                    results[key] = {"report": report, "scored": scored, "wall_seconds": time.perf_counter() - started,
+                                    "seed": seed, "setting": {"common": COMMON, "set": args.set},
+                                    "device": f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"}
+                    print(f"== {key} done in {results[key]['wall_seconds'] / 60:.1f} min", flush=True)
+                args.out.mkdir(parents=True, exist_ok=True)
+                with atomic_write(results_path) as handle:
+                    json.dump(results, handle, indent=2)
     print_tables(results)
+    print_seed_summary(results)
 
 
 if __name__ == "__main__":

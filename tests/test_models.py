@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from tbps.config import load_config, save_config
+from tbps.config import CONFIG_DIR, load_config, save_config
 from tbps.models import create_method, list_methods
 from tbps.models.backbones import BackboneWeightsError, create_image_backbone, create_text_backbone
 
@@ -42,6 +44,28 @@ def test_resnet_last_stride_one_keeps_resolution():
     backbone = create_image_backbone({"name": "resnet50", "pretrained": False, "last_stride": 1})
     maps = backbone(torch.randn(1, 3, 128, 64)).feature_maps
     assert maps[-1].shape[-2:] == maps[-2].shape[-2:] == (8, 4)
+
+
+def test_efficientnet_last_stride_one_keeps_the_last_stage_at_one_sixteenth():
+    strided = create_image_backbone({"name": "efficientnet_lite0", "pretrained": True})
+    kept = create_image_backbone({"name": "efficientnet_lite0", "pretrained": True, "last_stride": 1})
+    # Same stages, same pretrained weights (the option changes a stride and a padding, no tensor).
+    assert kept.channels == strided.channels and kept.stage_ends == strided.stage_ends
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), strided.state_dict().values()))
+    assert strided.feature_map_sizes((128, 48))[-2:] == [(8, 3), (4, 1)]
+    assert kept.feature_map_sizes((128, 48))[-2:] == [(8, 3), (8, 3)]
+    assert kept.feature_map_sizes((192, 64))[-1] == (12, 4)
+    # Everything before the changed block computes exactly what the strided network computes.
+    kept.eval(), strided.eval()
+    images = torch.randn(2, 3, 128, 48)
+    for a, b in zip(kept(images).feature_maps[:-1], strided(images).feature_maps[:-1]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(("name", "last_stride"), [("efficientnet_lite0", 3), ("resnet50", 4), ("swin_t", 1), ("vit_b_16", 2)])
+def test_backbones_refuse_a_last_stride_they_do_not_have(name, last_stride):
+    with pytest.raises(ValueError, match="last_stride"):
+        create_image_backbone({"name": name, "pretrained": False, "last_stride": last_stride})
 
 
 @pytest.mark.parametrize("name", ["resnet50", "swin_t", "vit_b_16"])
@@ -138,3 +162,23 @@ def test_config_overrides_and_round_trip(tmp_path):
         load_config("nope/nothing")
     with pytest.raises(ValueError, match="key=value"):
         load_config("baseline/synthetic", ["optim.lr"])
+
+
+_FEATURE_MAP_COMMENT = re.compile(r"final feature map (\d+)x(\d+)")
+_MEASURED_MAPS: dict[tuple, tuple[int, int]] = {}
+
+
+@pytest.mark.parametrize("config_file", sorted(CONFIG_DIR.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_config_states_its_true_feature_map_size(config_file):
+    """Each bundled config says, in a comment, the final map its backbone gives at its input size
+    (what a local-alignment method has to align); the backbone's own forward pass checks it."""
+    stated = _FEATURE_MAP_COMMENT.findall(config_file.read_text())
+    assert len(stated) == 1, f"{config_file.name} must state 'final feature map HxW' exactly once"
+    config = load_config(config_file)
+    backbone_config = {key: value for key, value in dict(config.model.image_backbone).items() if key != "weights"}
+    backbone_config["pretrained"] = False  # the map size does not depend on the weights
+    size = tuple(int(v) for v in config.data.image_size)
+    key = (tuple(sorted((k, str(v)) for k, v in backbone_config.items())), size)
+    if key not in _MEASURED_MAPS:
+        _MEASURED_MAPS[key] = create_image_backbone(backbone_config, image_size=size).feature_map_sizes(size)[-1]
+    assert tuple(int(v) for v in stated[0]) == _MEASURED_MAPS[key]

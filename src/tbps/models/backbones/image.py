@@ -50,6 +50,20 @@ class ImageBackbone(nn.Module):
         """The modules of each stage, input side first (the stem belongs to the first stage)."""
         raise TypeError(f"{type(self).__name__} does not define its stages")
 
+    @torch.no_grad()
+    def feature_map_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """(H, W) of every stage map for an input of ``image_size`` (finest first), measured by a
+        forward pass of one blank image: the truth a config's comment and a method's stripe
+        count are checked against (padding rules differ between backbones, so no formula)."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            output = self(torch.zeros(1, 3, *(int(v) for v in image_size), device=device))
+        finally:
+            self.train(was_training)
+        return [(int(m.shape[-2]), int(m.shape[-1])) for m in output.feature_maps]
+
     def freeze_stages(self, count: int) -> None:
         """Keep the first ``count`` stages fixed: no gradients (which also saves their backward
         pass) and batch-norm statistics left as pretrained."""
@@ -95,9 +109,12 @@ class EfficientNetLite0(ImageBackbone):
 
     name = "efficientnet_lite0"
 
-    def __init__(self, pretrained: bool = True, weights: str | None = None, **_: Any) -> None:
+    def __init__(self, pretrained: bool = True, weights: str | None = None, last_stride: int = 2, **_: Any) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
+
+        if last_stride not in (1, 2):
+            raise ValueError(f"model.image_backbone.last_stride must be 1 or 2 for {self.name}, got {last_stride}")
 
         if pretrained:
             if weights is None:
@@ -120,6 +137,23 @@ class EfficientNetLite0(ImageBackbone):
         self.channels = [self.blocks[i]._block_args.output_filters for i in self.stage_ends] + [
             net._conv_head.out_channels
         ]
+        if last_stride == 1:
+            self._keep_last_stage_resolution()
+
+    def _keep_last_stage_resolution(self) -> None:
+        """Re-id's "last stride 1" (as ResNet-50's option): the block that opens the last
+        downsampling stage convolves with stride 1, so the final map stays at 1/16 of the input
+        (8x3 at 128x48 instead of 4x1). The weights are unchanged and stay valid: only the
+        depthwise convolution's stride and its TensorFlow-style static 'same' padding (which
+        was computed for stride 2) change. The stage bookkeeping above is kept, so the stages
+        are the same blocks with or without it."""
+        block = self.blocks[self.stage_ends[-1] + 1]
+        conv = block._depthwise_conv
+        conv.stride = (1, 1)
+        kernel_h, kernel_w = conv.weight.shape[-2:]
+        pad_h, pad_w = (kernel_h - 1) * conv.dilation[0], (kernel_w - 1) * conv.dilation[1]
+        conv.static_padding = nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        block._block_args = block._block_args._replace(stride=[1])
 
     def stage_modules(self) -> list[nn.Module]:
         bounds = [-1, *self.stage_ends, len(self.blocks) - 1]
@@ -153,6 +187,9 @@ class ResNet50(ImageBackbone):
         super().__init__()
         import torchvision
 
+        if last_stride not in (1, 2):
+            raise ValueError(f"model.image_backbone.last_stride must be 1 or 2 for {self.name}, got {last_stride}")
+
         net = torchvision.models.resnet50(weights=None)
         if pretrained:
             if weights is None:
@@ -185,6 +222,15 @@ class ResNet50(ImageBackbone):
 class _TimmBackbone(ImageBackbone):
     timm_name = ""
 
+    @classmethod
+    def _refuse_last_stride(cls, last_stride: int | None) -> None:
+        # A transformer's token grid is fixed by its patch embedding; there is no stride to keep.
+        if last_stride is not None:
+            raise ValueError(
+                f"image backbone {cls.name!r} has no last_stride option (its map is the patch grid); "
+                f"remove model.image_backbone.last_stride"
+            )
+
     def _create(self, pretrained: bool, weights: str | None, **kwargs: Any) -> nn.Module:
         import timm
 
@@ -211,8 +257,10 @@ class SwinTiny(_TimmBackbone):
     name = "swin_t"
     timm_name = "swin_tiny_patch4_window7_224"
 
-    def __init__(self, pretrained: bool = True, weights: str | None = None, image_size: tuple[int, int] = (224, 224), **_: Any) -> None:
+    def __init__(self, pretrained: bool = True, weights: str | None = None, image_size: tuple[int, int] = (224, 224),
+                 last_stride: int | None = None, **_: Any) -> None:
         super().__init__()
+        self._refuse_last_stride(last_stride)
         self.net = self._create(pretrained, weights, img_size=tuple(image_size))
         self.channels = [int(info["num_chs"]) for info in self.net.feature_info]
 
@@ -237,8 +285,10 @@ class ViTBase16(_TimmBackbone):
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 
-    def __init__(self, pretrained: bool = True, weights: str | None = None, image_size: tuple[int, int] = (384, 128), **_: Any) -> None:
+    def __init__(self, pretrained: bool = True, weights: str | None = None, image_size: tuple[int, int] = (384, 128),
+                 last_stride: int | None = None, **_: Any) -> None:
         super().__init__()
+        self._refuse_last_stride(last_stride)
         self.net = self._create(pretrained, weights, img_size=tuple(image_size))
         self.grid = self.net.patch_embed.grid_size
         self.channels = [self.net.embed_dim]
@@ -273,8 +323,10 @@ def create_image_backbone(config: Any, image_size: tuple[int, int] | None = None
     kwargs: dict[str, Any] = {
         "pretrained": bool(option(config, "pretrained", True)),
         "weights": option(config, "weights"),
-        "last_stride": int(option(config, "last_stride", 2)),
     }
+    # Only passed when the config sets it, so a backbone without the option can refuse it.
+    if option(config, "last_stride") is not None:
+        kwargs["last_stride"] = int(option(config, "last_stride"))
     if image_size is not None:
         kwargs["image_size"] = tuple(int(v) for v in image_size)
     backbone = IMAGE_BACKBONES[name](**kwargs)

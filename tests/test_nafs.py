@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from tbps.losses import CMPCLoss, cmpm_loss, similarity_kl_alignment
 from tbps.models.attention import (
     ContextualNonLocalAttention,
+    attention_selectivity,
+    bidirectional_non_local_similarity,
     candidate_non_local_similarity,
     chunked_non_local_similarity,
     focal_filter,
@@ -42,7 +44,6 @@ def tiny_config(**overrides):
         "max_sub_sentences": 4,
         "image_backbone": {"name": "efficientnet_lite0", "pretrained": False},
         "text_backbone": {"name": "minilm", "pretrained": False},
-        "attention": {"lambda_image": 10.0, "lambda_text": 10.0},
     }
     config.update(overrides)
     return config
@@ -271,8 +272,11 @@ def test_staircase_branches_shapes(backbone, channels):
     network = StaircaseNetwork(trunk, use_regions=True, use_patches=True).eval()
     with torch.no_grad():
         maps = network(torch.randn(2, 3, *IMAGE_SIZE))
-    # Both branches end in the global branch's last stage, at its resolution.
+    # Both branches end in the global branch's last stage, at its resolution, which last_stride 1
+    # keeps at 1/16 of the input: the branch points are stage maps, not strides, and the copied
+    # stages carry the stride-1 change.
     assert maps.global_map.shape[1] == maps.region_map.shape[1] == maps.patch_map.shape[1] == channels
+    assert maps.global_map.shape[2:] == (IMAGE_SIZE[0] // 16, IMAGE_SIZE[1] // 16)
     assert maps.region_map.shape[2:] == maps.patch_map.shape[2:] == maps.global_map.shape[2:]
     # Branches are copies (own parameters), not the global branch's modules.
     trunk_ids = {id(p) for p in trunk.parameters()}
@@ -342,13 +346,21 @@ def test_non_local_attention_hand_computed():
     assert expected == pytest.approx(0.831126, abs=1e-5)
 
 
-def reference_non_local(q, v, q_mask, k, u, k_mask, lam, focal=True):
-    """Eqs. 2-5 written literally, one pair and one feature at a time."""
+def reference_non_local(q, v, q_mask, k, u, k_mask, lam, focal=True, scaling="none"):
+    """Eqs. 2-5 written literally, one pair and one feature at a time.
+
+    ``scaling="counts"``: lambda times Q^2 / K (Q with the focal filter off) for the pair's
+    Q valid queries and K valid keys.
+    """
     result = torch.zeros(q.shape[0], k.shape[0], dtype=torch.float64)
+    lam_given = lam
     for i in range(q.shape[0]):
         for j in range(k.shape[0]):
             queries = [a for a in range(q.shape[1]) if q_mask[i, a]]
             keys = [b for b in range(k.shape[1]) if k_mask[j, b]]
+            lam = lam_given
+            if scaling == "counts":
+                lam = lam_given * (len(queries) ** 2 / len(keys) if focal else len(queries))
             s = {(a, b): max(F.cosine_similarity(q[i, a], k[j, b], dim=0).item(), 0.0) for a in queries for b in keys}
             column = {b: sum(s[(a, b)] for a in queries) for b in keys}
             s_hat = {key: s[key] / (column[key[1]] + 1e-8) for key in s}
@@ -365,44 +377,190 @@ def reference_non_local(q, v, q_mask, k, u, k_mask, lam, focal=True):
     return result
 
 
+@pytest.mark.parametrize("scaling", ["none", "counts"])
 @pytest.mark.parametrize("focal", [True, False])
-def test_non_local_similarity_matches_literal_equations(focal):
+def test_non_local_similarity_matches_literal_equations(focal, scaling):
     torch.manual_seed(0)
     q, v = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
     k, u = torch.randn(2, 6, 5), torch.randn(2, 6, 5)
     q_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 1, 1]])
     k_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
-    got = non_local_similarity(q, v, q_mask, k, u, k_mask, 7.0, focal=focal)
-    expected = reference_non_local(q, v, q_mask, k, u, k_mask, 7.0, focal)
+    options = {"focal": focal, "lambda_scaling": scaling}
+    got = non_local_similarity(q, v, q_mask, k, u, k_mask, 7.0, **options)
+    expected = reference_non_local(q, v, q_mask, k, u, k_mask, 7.0, focal, scaling)
     assert torch.allclose(got.double(), expected, atol=1e-5)
     # Tiled evaluation and per-candidate scoring give the same numbers.
-    tiled = chunked_non_local_similarity(q, v, q_mask, k, u, k_mask, 7.0, focal=focal, max_elements=24)
+    tiled = chunked_non_local_similarity(q, v, q_mask, k, u, k_mask, 7.0, max_elements=24, **options)
     assert torch.allclose(tiled, got, atol=1e-6)
     candidates = torch.tensor([[1, 0, 1], [0, 0, 1]])  # key-side rows: text j gets query items
     per_candidate = candidate_non_local_similarity(
-        q[candidates], v[candidates], q_mask[candidates], k, u, k_mask, 7.0, focal=focal
+        q[candidates], v[candidates], q_mask[candidates], k, u, k_mask, 7.0, **options
     )
     assert torch.allclose(per_candidate, got.t().gather(1, candidates), atol=1e-6)
     swapped = candidate_non_local_similarity(
-        k, u, k_mask, q[candidates], v[candidates], q_mask[candidates], 7.0, focal=focal
+        k, u, k_mask, q[candidates], v[candidates], q_mask[candidates], 7.0, **options
     )
-    reverse = non_local_similarity(k, u, k_mask, q, v, q_mask, 7.0, focal=focal)
+    reverse = non_local_similarity(k, u, k_mask, q, v, q_mask, 7.0, **options)
     assert torch.allclose(swapped, reverse.gather(1, candidates), atol=1e-6)
+    # Both directions at once (shared pair products), with a different lambda each.
+    s, s_prime = bidirectional_non_local_similarity(q, v, q_mask, k, u, k_mask, 7.0, 3.0, focal, lambda_scaling=scaling)
+    assert torch.allclose(s, got, atol=1e-6)
+    expected_prime = reference_non_local(k, u, k_mask, q, v, q_mask, 3.0, focal, scaling)
+    assert torch.allclose(s_prime.t().double(), expected_prime, atol=1e-5)
 
 
-def test_attention_module_directions():
+def test_count_scaling_hand_computed():
+    """The 2x2 case of test_non_local_attention_hand_computed: Q = K = 2, so "counts" multiplies
+    lambda by Q^2 / K = 2 (by Q = 2 without the focal filter)."""
+    image_queries = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    text_keys = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    values = torch.eye(2).unsqueeze(0)
+    for focal in (True, False):
+        literal = non_local_similarity(image_queries, values, None, text_keys, values, None, math.log(3.0), focal)
+        counted = non_local_similarity(
+            image_queries, values, None, text_keys, values, None, math.log(3.0) / 2, focal, lambda_scaling="counts"
+        )
+        assert counted.item() == pytest.approx(literal.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="lambda_scaling"):
+        non_local_similarity(image_queries, values, None, text_keys, values, None, 1.0, lambda_scaling="keys")
+
+
+@pytest.mark.parametrize("focal", [True, False])
+def test_count_scaling_removes_the_dependence_on_feature_counts(focal):
+    """Every feature twice (queries and keys) is the same set: with "counts" each original key
+    keeps its attention (split over its two copies) and S is unchanged; as printed (eq. 3) the
+    focal score, and with it the softmax's sharpness, moves with the counts."""
+    torch.manual_seed(0)
+    q, v = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    k, u = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    twice = lambda x: x.repeat_interleave(2, dim=1)  # noqa: E731
+    for scaling in ("counts", "none"):
+        s, alpha = non_local_similarity(q, v, None, k, u, None, 4.0, focal, return_attention=True, lambda_scaling=scaling)
+        s2, alpha2 = non_local_similarity(
+            twice(q), twice(v), None, twice(k), twice(u), None, 4.0, focal, return_attention=True, lambda_scaling=scaling
+        )
+        per_key = alpha2[:, :, ::2].unflatten(-1, (5, 2)).sum(-1)  # first copy of each query, copies of a key summed
+        same = torch.allclose(per_key, alpha, atol=1e-5) and torch.allclose(s2, s, atol=1e-5)
+        assert same == (scaling == "counts")
+
+
+# Realistic shapes for the non-local attention: NAFS's m = 6 image features (global, 2 regions,
+# 3 patches) against 1 + 3 + 20-30 text features (sentence, sub-sentences, words), D = 256.
+IMAGE_PARTS = [{0, 1, 2}, {0, 1}, {1, 2}, {0}, {1}, {2}]  # body parts (head, upper, lower) each sees
+
+
+def structured_pairs(batch=16, dim=256, offset=0.75, seed=0, text_slots=34, attribute_words=9):
+    """``batch`` matched (image, caption) feature sets with structure, as projected queries / keys.
+
+    Each person has three unit body-part directions. Image: the whole body, two regions
+    (head + upper, upper + lower) and three patches (one part each), plus small noise. Caption:
+    the sentence (whole body), three sub-sentences (one part each), then 20-30 words of which
+    ``attribute_words`` name a part ("a word = an image part + noise") and the rest (function
+    words) match nothing, padded to ``text_slots`` with a mask. Every feature shares one
+    ``offset`` direction, as pretrained features do (matched cosines 0.41 on average).
+    Returns image ``[B, 6, D]``, text ``[B, text_slots, D]``, the text mask and the text slots'
+    part sets.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def noise(*shape, scale):
+        return torch.randn(*shape, dim, generator=g) * scale / math.sqrt(dim)
+
+    common = F.normalize(torch.randn(dim, generator=g), dim=0) * offset
+    parts = F.normalize(torch.randn(batch, 3, dim, generator=g), dim=-1)
+    whole = F.normalize(parts.sum(1, keepdim=True), dim=-1)
+    regions = F.normalize(torch.stack([parts[:, 0] + parts[:, 1], parts[:, 1] + parts[:, 2]], 1), dim=-1)
+    image = torch.cat([whole, regions, parts], 1) + common + noise(batch, 6, scale=0.5)
+    word_part = torch.arange(attribute_words) % 3
+    words = torch.cat([parts[:, word_part], torch.zeros(batch, text_slots - 4 - attribute_words, dim)], 1)
+    text = torch.cat([whole, parts, words], 1) + common
+    text = text + torch.cat([noise(batch, 4, scale=0.5), noise(batch, text_slots - 4, scale=1.0)], 1)
+    lengths = 4 + torch.randint(20, text_slots - 4 + 1, (batch,), generator=g)
+    mask = (torch.arange(text_slots) < lengths[:, None]).float()
+    text_parts = [{0, 1, 2}, {0}, {1}, {2}] + [{int(p)} for p in word_part]
+    text_parts += [set()] * (text_slots - len(text_parts))
+    return image, text, mask, text_parts
+
+
+def relevant_mass(alpha, query_parts, key_parts, query_mask, key_mask):
+    """Mean attention on keys sharing a body part with the query, over the valid queries that
+    name a part, and the same for uniform attention over the valid keys."""
+    relevant = torch.tensor([[float(bool(a & b)) for b in key_parts] for a in query_parts])
+    weights = torch.tensor([float(bool(a)) for a in query_parts]) * query_mask
+    mass = (alpha * relevant).sum(-1)
+    uniform = ((relevant * key_mask).sum(-1) / key_mask.sum(-1)).expand_as(mass)
+    return float((mass * weights).sum() / weights.sum()), float((uniform * weights).sum() / weights.sum())
+
+
+def non_local_selectivity(attention, image, text, mask, text_parts):
+    alpha, alpha_t2i = attention.matched_attention(image, text, text_mask=mask)
+    image_mask = torch.ones(image.shape[:2])
+    i2t = attention_selectivity(alpha, image_mask, mask.unsqueeze(1))
+    t2i = attention_selectivity(alpha_t2i, mask, image_mask.unsqueeze(1))
+    i2t["relevant"], i2t["relevant_uniform"] = relevant_mass(alpha, IMAGE_PARTS, text_parts, image_mask, mask.unsqueeze(1))
+    t2i["relevant"], t2i["relevant_uniform"] = relevant_mass(alpha_t2i, text_parts, IMAGE_PARTS, mask, torch.ones(1, 1, 6))
+    return i2t, t2i
+
+
+def is_selective(stats):
+    """Neither near one-hot nor near uniform, and on the right features.
+
+    Thresholds from the measurements (the default lambdas give, image-to-text / text-to-image,
+    max weight 0.25 / 0.55, i.e. 7.2x / 3.3x a uniform row, entropy 0.74 / 0.61, relevant mass
+    0.74 / 0.99 against 0.27 / 0.59 uniform): max weight below 0.9, at least twice uniform
+    (1.5x would be a max of 0.25 over 6 image features; 20/20 as printed gives 1.1x, entropy
+    1.00 text-to-image), normalised entropy below 0.9, and at least 1.2x the uniform attention
+    on the keys that share a body part.
+    """
+    return (
+        stats["max_weight"] < 0.9
+        and stats["max_over_uniform"] > 2.0
+        and stats["entropy"] < 0.9
+        and stats["relevant"] > 1.2 * stats["relevant_uniform"]
+    )
+
+
+def test_default_lambdas_are_selective_in_both_directions_on_realistic_shapes():
+    image, text, mask, text_parts = structured_pairs()
+    default = ContextualNonLocalAttention(256)
+    assert default.lambda_scaling == "counts"
+    i2t, t2i = non_local_selectivity(default, image, text, mask, text_parts)
+    assert is_selective(i2t), i2t
+    assert is_selective(t2i), t2i
+    # Comparable selectivity: the two directions' normalised entropies within 0.2 of each other.
+    assert abs(i2t["entropy"] - t2i["entropy"]) < 0.2
+    # The old defaults, 20 for both as eq. 3 prints it: text-to-image is near uniform.
+    old = ContextualNonLocalAttention(256, 20.0, 20.0, lambda_scaling="none")
+    old_i2t, old_t2i = non_local_selectivity(old, image, text, mask, text_parts)
+    assert not is_selective(old_t2i) and old_t2i["max_over_uniform"] < 1.25 and old_t2i["entropy"] > 0.98
+    assert old_i2t["entropy"] < old_t2i["entropy"] - 0.5  # and image-to-text far sharper (0.34 vs 1.00)
+
+
+@pytest.mark.parametrize("scaling", ["counts", "none"])
+def test_attention_module_directions(scaling):
     torch.manual_seed(0)
     images, texts = torch.randn(3, 4, 8), torch.randn(2, 5, 8)
     text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    both = ContextualNonLocalAttention(8, 5.0, 9.0)
+    both = ContextualNonLocalAttention(8, 5.0, 9.0, lambda_scaling=scaling)
     s, s_prime = both(images, texts, text_mask=text_mask)
     assert s.shape == s_prime.shape == (3, 2)
     iq, iv, tk, tv = both.project(images, texts)
-    assert torch.allclose(s, non_local_similarity(iq, iv, None, tk, tv, text_mask, 5.0))
+    assert torch.allclose(s, non_local_similarity(iq, iv, None, tk, tv, text_mask, 5.0, lambda_scaling=scaling))
     # Text-to-image: text keys query the image queries, lambda_2, transposed to [images x texts].
-    assert torch.allclose(s_prime, non_local_similarity(tk, tv, text_mask, iq, iv, None, 9.0).t())
+    expected_prime = non_local_similarity(tk, tv, text_mask, iq, iv, None, 9.0, lambda_scaling=scaling)
+    assert torch.allclose(s_prime, expected_prime.t())
+    # matched_attention: the weights of the pairs (image i, text i) behind those scores.
+    _, alpha = non_local_similarity(iq[:2], iv[:2], None, tk, tv, text_mask, 5.0, return_attention=True, lambda_scaling=scaling)
+    _, alpha_prime = non_local_similarity(
+        tk, tv, text_mask, iq[:2], iv[:2], None, 9.0, return_attention=True, lambda_scaling=scaling
+    )
+    matched, matched_prime = both.matched_attention(iq[:2], tk, text_mask=text_mask)
+    assert torch.allclose(matched, alpha[[0, 1], [0, 1]], atol=1e-6)
+    assert torch.allclose(matched_prime, alpha_prime[[0, 1], [0, 1]], atol=1e-6)
     one_way = ContextualNonLocalAttention(8, directions="image-to-text")
     assert one_way(images, texts, text_mask=text_mask)[1] is None
+    with pytest.raises(ValueError, match="lambda_scaling"):
+        ContextualNonLocalAttention(8, lambda_scaling="keys")
 
 
 def test_alignment_weights_for_figure_4(nafs, batch):
@@ -418,6 +576,55 @@ def test_alignment_weights_for_figure_4(nafs, batch):
     assert result["image_labels"] == ["global", "region 1", "region 2", "patch 1", "patch 2", "patch 3"]
     assert result["text_labels"][:3] == ["sentence", "sub-sentence 1", "sub-sentence 2"]
     assert len(result["text_labels"]) == valid
+
+
+def test_attention_defaults_and_options_reach_the_module(nafs, batch):
+    from tbps.models.attention import NON_LOCAL_LAMBDA_IMAGE, NON_LOCAL_LAMBDA_TEXT
+
+    # Defaults (the fixture sets no attention or loss options): count-free lambda 4 both ways, CSAL scale 20.
+    attention = nafs.attention
+    assert (attention.image_inverse_temperature, attention.text_inverse_temperature) == (4.0, 4.0)
+    assert (NON_LOCAL_LAMBDA_IMAGE, NON_LOCAL_LAMBDA_TEXT) == (4.0, 4.0) and attention.lambda_scaling == "counts"
+    assert nafs.csal_scale == 20.0
+    method = build(attention={"lambda_scaling": "none", "lambda_image": 3.0, "lambda_text": 7.0}, losses={"csal_scale": 7.5})
+    attention = method.attention
+    assert (attention.image_inverse_temperature, attention.text_inverse_temperature, attention.lambda_scaling) == (3.0, 7.0, "none")
+    method.eval()
+    with torch.no_grad():
+        losses = method(batch)
+        image, text = method.encode_image(batch["images"]), method.encode_text(batch["text"])
+        iq, iv, tk, tv = attention.project(image["local"], text["local"])
+        s = non_local_similarity(iq, iv, None, tk, tv, text["local_mask"], 3.0)  # eq. 3 as printed
+        s_prime = non_local_similarity(tk, tv, text["local_mask"], iq, iv, None, 7.0).t()
+    expected = 0.1 * similarity_kl_alignment(s, LABELS, scale=7.5, similarity_t2i=s_prime)
+    assert losses["csal"].item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="lambda_scaling"):
+        build(attention={"lambda_scaling": "per-key"})
+
+
+def test_test_similarity_local_needs_local_features():
+    with pytest.raises(ValueError, match="test_similarity=local"):
+        build(scales="global", test_similarity="local")
+
+
+def test_attention_selectivity_reports_both_directions(nafs, batch):
+    nafs.eval()
+    with torch.no_grad():
+        images, texts = nafs.encode_image(batch["images"]), nafs.encode_text(batch["text"])
+        stats = nafs.attention_selectivity(images, texts)
+        queries, keys = nafs.attention.image_query(images["local"]), nafs.attention.text_key(texts["local"])
+        alpha, alpha_t2i = nafs.attention.matched_attention(queries, keys, text_mask=texts["local_mask"])
+    nafs.train()
+    valid = texts["local_mask"].sum(1)
+    t2i, i2t = stats["text-to-image"], stats["image-to-text"]
+    assert t2i["uniform"] == pytest.approx(1 / 6)
+    assert i2t["uniform"] == pytest.approx((1 / valid).mean().item(), rel=1e-5)
+    assert i2t["max_weight"] == pytest.approx(alpha.amax(-1).mean().item(), rel=1e-5)
+    weights = texts["local_mask"]
+    t2i_max = (alpha_t2i.amax(-1) * weights).sum() / weights.sum()  # padded word slots are not queries
+    assert t2i["max_weight"] == pytest.approx(t2i_max.item(), rel=1e-5)
+    for direction in (i2t, t2i):
+        assert 0.0 <= direction["entropy"] <= 1.0 and direction["max_over_uniform"] >= 1.0
 
 
 # ------------------------------------------------------------------------------ losses (eq. 7)

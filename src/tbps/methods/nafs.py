@@ -12,7 +12,10 @@ Reads like the paper:
    ``layer3`` (the paper's stages 2 and 3; the region branch re-runs ``layer3``+``layer4``, the
    patch branch ``layer4``), EfficientNet-Lite0 maps 2 (40 ch, 1/8) and 3 (112 ch, 1/16) (the
    region branch re-runs its 1/16 and 1/32 stages plus the head, the patch branch the 1/32 stage
-   plus the head). ``region_stage`` / ``patch_stage`` index the factory's stage-map list.
+   plus the head). ``region_stage`` / ``patch_stage`` index the factory's stage-map list, not a
+   stride: with ``image_backbone.last_stride: 1`` the last stage keeps 1/16 (the paper's setting)
+   and the branches, deep copies of the backbone's own (already stride-1) stages, end at the
+   global map's size too.
 2. **Textual features** (Sec. 3.2): a locality-constrained BERT. The sentence [CLS] and every
    word token come from an ordinary BERT pass; each comma-separated sub-sentence gets its own
    [CLS] whose attention sees only the sub-sentence's tokens (eq. 1). See
@@ -21,13 +24,22 @@ Reads like the paper:
 3. **Alignment** (Sec. 3.3): contextual non-local attention between *all* image features
    (global, regions, patches) and *all* text features (sentence, sub-sentences, words), in both
    directions (eqs. 2-5 and the text-to-image counterpart), shared with other methods in
-   :mod:`tbps.models.attention`.
+   :mod:`tbps.models.attention`. The inverse temperatures lambda_1 / lambda_2 of eq. 3 (the paper
+   gives none) are set per direction, ``attention.lambda_image`` and ``attention.lambda_text``
+   (4 both), and by default act on the focal-filtered score with its dependence on the numbers
+   of image and text features divided out (``attention.lambda_scaling: counts``; the derivation and
+   the measurements are in :class:`~tbps.models.attention.ContextualNonLocalAttention`).
+   :meth:`NAFS.attention_selectivity` reports how peaked both directions' attention is.
 4. **Losses** (eq. 7): ``L = 1 * CMPM + 1 * CMPC + 0.1 * CSAL``; CMPM and CMPC on the global
    features, CSAL (the KL of the batch non-local similarities to the identity-match
-   distribution) on ``S`` (image-to-text) and ``S'`` (text-to-image).
-5. **Test similarity**: ``global+local`` by default, the cosine of the global vectors plus the
-   non-local score (the mean of the enabled directions), as the public code ranks; ``local``
-   and ``global`` are options. :meth:`NAFS.similarity` tiles the gallery, and
+   distribution) on ``S`` (image-to-text) and ``S'`` (text-to-image), as a softmax of
+   ``losses.csal_scale * S`` (20; the paper gives no scale).
+5. **Test similarity** (``test_similarity``): ``global+local`` by default, the cosine of the
+   global vectors plus the non-local score (the mean of the enabled directions), as the public
+   code ranks; ``local`` is the non-local score alone (eq. 5's ``S``, averaged with ``S'``
+   when both directions are on: the paper ranks by eq. 5, Sec. 3.4) and ``global`` the global
+   cosine. It only changes how encoded features are scored, so a trained checkpoint can be
+   scored either way. :meth:`NAFS.similarity` tiles the gallery, and
    :meth:`NAFS.score_candidates` scores each text's own candidates for two-stage retrieval.
    RVN re-ranking (Sec. 3.4, eq. 8) is the evaluator's ``rerank="rvn"``.
 
@@ -42,7 +54,12 @@ Ablation switches (Tables 2-4 and methods.md §3), all under ``model``:
 * ``text_backbone.name``: BERT-family (locality-constrained) or ``bilstm``;
 * ``image_network``: ``staircase`` or ``plain`` (regions and patches cut from the global map);
 * ``split_shuffle``: on/off; ``attention.directions``: both / image-to-text / text-to-image;
-  ``attention.focal``: the focal filter on/off.
+  ``attention.focal``: the focal filter on/off;
+* ``attention.lambda_scaling``: ``counts`` (default, lambda on the count-free focal score) or
+  ``none`` (eq. 3 as printed: lambda times the focal score, whose scale then depends on the
+  numbers of features), with ``attention.lambda_image`` / ``attention.lambda_text``.
+
+Other options: ``losses.csal_scale`` (the CSAL softmax scale, 20), ``losses.csal_epsilon``.
 """
 
 from __future__ import annotations
@@ -57,9 +74,12 @@ from torch import Tensor, nn
 
 from tbps.losses import CMPCLoss, cmpm_loss, similarity_kl_alignment
 from tbps.models.attention import (
+    LAMBDA_SCALINGS,
+    NON_LOCAL_LAMBDA_IMAGE,
+    NON_LOCAL_LAMBDA_TEXT,
     ContextualNonLocalAttention,
+    attention_selectivity,
     candidate_bidirectional_non_local_similarity,
-    non_local_similarity,
 )
 from tbps.models.backbones import create_image_backbone, create_text_backbone
 from tbps.models.backbones.common import option
@@ -500,6 +520,17 @@ class NAFS(PersonSearchMethod):
         # Table 2 "Global": the contextual non-local attention needs several features per side,
         # so with global features only it is off, like concatenation (one vector each).
         self.has_local = self.use_fine and self.alignment != "concat"
+        attention = option(config, "attention", {}) or {}
+        lambda_scaling = str(option(attention, "lambda_scaling", "counts"))  # checked before any backbone is built
+        if lambda_scaling not in LAMBDA_SCALINGS:
+            raise ValueError(f"model.attention.lambda_scaling must be one of {LAMBDA_SCALINGS}, got {lambda_scaling!r}")
+        if self.test_similarity == "local" and not self.has_local:
+            # global+local falls back to the global cosine there (nothing local to add); a
+            # local-only score has nothing to fall back to.
+            raise ValueError(
+                f"model.test_similarity=local needs the non-local score, which scales={self.scales!r} / "
+                f"alignment={self.alignment!r} does not compute; use global or global+local"
+            )
 
         loss_weights = option(config, "losses", {}) or {}
         # Eq. 7: lambda_2 L_CMPM + lambda_3 L_CMPC + lambda_4 L_CSAL with (1, 1, 0.1).
@@ -507,10 +538,14 @@ class NAFS(PersonSearchMethod):
         self.cmpc_weight = float(option(loss_weights, "cmpc", 1.0))
         self.csal_weight = float(option(loss_weights, "csal", 0.1)) if self.has_local else 0.0
         # CSAL (the equations above eq. 7) writes S itself where a distribution belongs; the shared
-        # loss uses p = softmax(scale * S) (tbps.losses.similarity_kl_alignment). S is a mean
-        # cosine in [-1, 1], so scale = 1 would give an almost uniform p; 10 is our choice
-        # (the paper gives none), like a contrastive temperature of 0.1.
-        self.csal_scale = float(option(loss_weights, "csal_scale", 10.0))
+        # loss uses p = softmax(scale * S) (tbps.losses.similarity_kl_alignment). The paper gives
+        # no scale; the public NAFS code uses 20. S is a mean of cosines, and its gap between a
+        # matched and an unmatched pair is small even for features built to match: on the
+        # lambda calibration's features (ContextualNonLocalAttention; 64 pairs, default
+        # lambdas) it is 0.32 for S and 0.19 for S', so in a batch of 64 the matched caption
+        # gets p = 0.27 (S) / 0.10 (S') at scale 10, far from its target q = 1, against
+        # 0.89 / 0.40 at scale 20.
+        self.csal_scale = float(option(loss_weights, "csal_scale", 20.0))
         self.csal_epsilon = float(option(loss_weights, "csal_epsilon", 1e-8))
 
         # ---- image: staircase network (Sec. 3.1)
@@ -544,16 +579,18 @@ class NAFS(PersonSearchMethod):
         self.word_projection = TokenProjection(hidden, self.embed_dim) if self.use_fine else None
 
         # ---- alignment (Sec. 3.3)
-        # lambda_1, lambda_2 (eq. 3) are not given in the paper; 20 follows BFAN's focal attention
-        # (the paper's [15]): the focal weights s~ are small (<= 1), so the softmax needs a large
-        # inverse temperature to be selective.
-        attention = option(config, "attention", {}) or {}
+        # lambda_1, lambda_2 (eq. 3) are not given in the paper. One per direction; by default
+        # they act on the focal score with its count factor divided out (lambda_scaling=counts).
+        # ContextualNonLocalAttention.__init__ derives the defaults (4 and 4); the old 20 for
+        # both, as eq. 3 prints it, left the image-to-text attention nearly one-hot and the
+        # text-to-image one nearly uniform.
         self.attention = ContextualNonLocalAttention(
             self.embed_dim,
-            image_inverse_temperature=float(option(attention, "lambda_image", 20.0)),  # lambda_1
-            text_inverse_temperature=float(option(attention, "lambda_text", 20.0)),  # lambda_2
+            image_inverse_temperature=float(option(attention, "lambda_image", NON_LOCAL_LAMBDA_IMAGE)),  # lambda_1
+            text_inverse_temperature=float(option(attention, "lambda_text", NON_LOCAL_LAMBDA_TEXT)),  # lambda_2
             focal=bool(option(attention, "focal", True)),
             directions=str(option(attention, "directions", "both")),
+            lambda_scaling=lambda_scaling,
         )
         num_scales = 1 + int(self.use_mid) + int(self.use_fine)
         global_dim = self.embed_dim * (num_scales if self.alignment == "concat" else 1)
@@ -684,12 +721,9 @@ class NAFS(PersonSearchMethod):
         """
         if not self.has_local:
             raise ValueError("alignment weights need local features (scales != global, alignment != concat)")
-        queries, image_values, keys, text_values = self.attention.project(image_features["local"][:1], text_features["local"][:1])
+        queries, keys = self.attention.image_query(image_features["local"][:1]), self.attention.text_key(text_features["local"][:1])
         mask = text_features["local_mask"][:1]
-        _, alpha = non_local_similarity(
-            keys, text_values, mask, queries, image_values, None,
-            self.attention.text_inverse_temperature, self.attention.focal, return_attention=True,
-        )
+        _, alpha = self.attention.matched_attention(queries, keys, text_mask=mask)  # alpha' [1, n, m]
         text_labels = ["sentence"]
         if self.use_mid:
             text_labels += [f"sub-sentence {i + 1}" for i in range(self.max_sub_sentences)]
@@ -702,9 +736,34 @@ class NAFS(PersonSearchMethod):
             image_labels += [f"patch {i + 1}" for i in range(self.patch_stripes)]
         keep = mask[0].bool()
         return {
-            "weights": alpha[0, 0][keep],
+            "weights": alpha[0][keep],
             "text_labels": [label for label, valid in zip(text_labels, keep.tolist()) if valid],
             "image_labels": image_labels,
+        }
+
+    @torch.no_grad()
+    def attention_selectivity(
+        self, image_features: Mapping[str, Tensor], text_features: Mapping[str, Tensor]
+    ) -> dict[str, dict[str, float]]:
+        """How peaked the non-local attention of matched pairs is, per direction.
+
+        ``image_features`` / ``text_features`` hold ``B`` encoded images and their ``B`` captions
+        (item ``i`` with item ``i``). Returns ``{"image-to-text": ..., "text-to-image": ...}``,
+        each :func:`tbps.models.attention.attention_selectivity` of eq. 3's weights (joint
+        attention over all scales, as the default alignment): mean max weight, its uniform value
+        ``1 / K``, max weight times ``K`` (1 uniform, ``K`` one-hot) and normalised entropy.
+        """
+        if not self.has_local:
+            raise ValueError("attention selectivity needs local features (scales != global, alignment != concat)")
+        text_features = self._trim_text_padding(text_features)
+        queries = self.attention.image_query(image_features["local"])
+        keys = self.attention.text_key(text_features["local"])
+        image_mask = queries.new_ones(queries.shape[:2])
+        text_mask = text_features["local_mask"]
+        alpha, alpha_t2i = self.attention.matched_attention(queries, keys, image_mask, text_mask)
+        return {
+            "image-to-text": attention_selectivity(alpha, image_mask, text_mask.unsqueeze(1)),
+            "text-to-image": attention_selectivity(alpha_t2i, text_mask, image_mask.unsqueeze(1)),
         }
 
     def text_feature_attention(self, image: Tensor, text: str) -> tuple[list[str], list[str], Tensor] | None:
@@ -874,6 +933,7 @@ class NAFS(PersonSearchMethod):
                     keys[:, text_slice], text_values[:, text_slice], text_mask[:, text_slice],
                     attention.image_inverse_temperature, attention.text_inverse_temperature, attention.focal,
                     image_to_text=attention.uses_image_to_text, text_to_image=attention.uses_text_to_image,
+                    lambda_scaling=attention.lambda_scaling,
                 )
             totals = [part if total is None else (total if part is None else total + part) for total, part in zip(totals, parts)]
         totals = [None if total is None else total / len(pairs) for total in totals]

@@ -5,7 +5,9 @@ Sec. 3.3, eqs. 2-5 and the text-to-image counterpart): every feature of one moda
 through a focal-filtered softmax, to *all* features of the other modality (every scale at once),
 and the pair similarity is the mean cosine between each feature and its attended context. It is a
 set-to-set similarity, so any method that scores an image against a caption from two sets of
-local features (regions/phrases, stripes/words) can reuse it.
+local features (regions/phrases, stripes/words) can reuse it. ``lambda_scaling="counts"`` (the
+module's default) takes out of the softmax the factor by which the focal-filtered score of
+eqs. 2-3 grows with the numbers of queries and keys (see :func:`non_local_attention_weights`).
 
 All functions here are batched over every (query item, key item) pair of two batches: a chunk of
 ``A`` items (e.g. images) against ``B`` items (e.g. captions) is one set of tensor operations
@@ -30,7 +32,18 @@ __all__ = [
     "focal_filter",
     "non_local_attention_weights",
     "non_local_similarity",
+    "attention_selectivity",
+    "LAMBDA_SCALINGS",
+    "NON_LOCAL_LAMBDA_IMAGE",
+    "NON_LOCAL_LAMBDA_TEXT",
 ]
+
+# How lambda multiplies the focal-filtered score in eq. 3 (see non_local_attention_weights).
+LAMBDA_SCALINGS = ("counts", "none")
+# Default inverse temperatures of ContextualNonLocalAttention under lambda_scaling="counts"
+# (lambda_1 image-to-text, lambda_2 text-to-image); derived in its __init__.
+NON_LOCAL_LAMBDA_IMAGE = 4.0
+NON_LOCAL_LAMBDA_TEXT = 4.0
 
 
 def focal_filter(normalized: Tensor, key_mask: Tensor | None = None) -> Tensor:
@@ -58,6 +71,7 @@ def non_local_attention_weights(
     inverse_temperature: float,
     focal: bool = True,
     epsilon: float = 1e-8,
+    lambda_scaling: str = "none",
 ) -> Tensor:
     """Attention weights ``alpha_ab`` of eqs. 2-3 from raw cosines ``[..., m, n]``.
 
@@ -66,14 +80,59 @@ def non_local_attention_weights(
     paper writes it), focal-filtered, and turned into a softmax over the valid keys with inverse
     temperature ``lambda`` (eq. 3). ``query_mask`` ``[..., m]`` and ``key_mask`` ``[..., n]``
     (broadcastable to the pair dimensions, 1 for real features).
+
+    ``lambda_scaling``: ``"none"`` is eq. 3 as printed, ``lambda * s~_ab``. ``"counts"``
+    multiplies lambda by ``Q^2 / K`` per pair (``Q`` valid queries, ``K`` valid keys; ``Q``
+    without the focal filter), which is exact count removal: with ``r_ab = Q s^_ab = s_ab /
+    mean_a s_ab`` (the cosine over its column mean, free of counts),
+    ``s~_ab = [K (s^_ab - mean_c s^_ac)]_+ s^_ab = (K / Q^2) [r_ab - mean_c r_ac]_+ r_ab``, so
+    the logit becomes ``lambda [r_ab - mean_c r_ac]_+ r_ab``. As printed, the image-to-text logits
+    (Q = 6 image features, K = 34 text features) carry K / Q^2 = 0.94 and the text-to-image ones
+    (Q = 34, K = 6) 6 / 34^2 = 0.0052, a factor (n / m)^3 ~ 180 apart; and the text-to-image
+    factor moves with every caption's length.
     """
+    if lambda_scaling not in LAMBDA_SCALINGS:
+        raise ValueError(f"lambda_scaling must be one of {LAMBDA_SCALINGS}, got {lambda_scaling!r}")
     query_valid = query_mask.to(cosine.dtype).unsqueeze(-1)  # [..., m, 1]
     key_valid = key_mask.to(cosine.dtype).unsqueeze(-2)  # [..., 1, n]
     clipped = cosine.clamp(min=0) * query_valid * key_valid  # eq. 2, [x]_+
     normalized = clipped / (clipped.sum(dim=-2, keepdim=True) + epsilon)  # s^: sum over queries a
     filtered = focal_filter(normalized, key_valid) if focal else normalized
-    logits = (inverse_temperature * filtered).masked_fill(key_valid == 0, float("-inf"))
+    temperature: Tensor | float = inverse_temperature
+    if lambda_scaling == "counts":
+        num_queries = query_valid.sum(dim=-2, keepdim=True)  # [..., 1, 1] Q of each pair
+        scale = num_queries
+        if focal:
+            scale = num_queries.square() / key_valid.sum(dim=-1, keepdim=True).clamp(min=1.0)  # Q^2 / K
+        temperature = inverse_temperature * scale
+    logits = (temperature * filtered).masked_fill(key_valid == 0, float("-inf"))
     return logits.softmax(dim=-1)  # eq. 3, over the keys b
+
+
+def attention_selectivity(alpha: Tensor, query_mask: Tensor, key_mask: Tensor) -> dict[str, float]:
+    """How selective softmax attention ``alpha`` ``[..., q, k]`` (rows sum to 1 over valid keys) is.
+
+    Averaged over the valid queries (``query_mask`` ``[..., q]`` and ``key_mask`` ``[..., 1, k]``
+    or ``[..., q, k]``, broadcastable to ``alpha``): ``max_weight`` (1 = one-hot), ``uniform`` (the
+    max weight of a uniform row, ``1 / K``), ``max_over_uniform`` (``max_weight * K`` per row: 1 =
+    uniform, ``K`` = one-hot) and ``entropy`` (``H / log K``: 0 = one-hot, 1 = uniform; rows with
+    one key count as 0).
+    """
+    query_valid = query_mask.to(alpha.dtype).expand(alpha.shape[:-1])
+    keys = key_mask.to(alpha.dtype).sum(dim=-1).expand(alpha.shape[:-1])  # K of each row
+    entropy = -(alpha * alpha.clamp(min=1e-30).log()).sum(dim=-1) / keys.clamp(min=2.0).log()
+    top = alpha.amax(dim=-1)
+    count = query_valid.sum().clamp(min=1.0)
+
+    def mean(values: Tensor) -> float:
+        return float((values * query_valid).sum() / count)
+
+    return {
+        "max_weight": mean(top),
+        "uniform": mean(1.0 / keys.clamp(min=1.0)),
+        "max_over_uniform": mean(top * keys),
+        "entropy": mean(entropy),
+    }
 
 
 def _similarity_from_scores(
@@ -86,6 +145,7 @@ def _similarity_from_scores(
     inverse_temperature: float,
     focal: bool,
     epsilon: float,
+    lambda_scaling: str = "none",
 ) -> tuple[Tensor, Tensor]:
     """Eqs. 3-5 from the pair tensors ``[..., m, n]``; returns ``(S [...], alpha [..., m, n])``.
 
@@ -94,7 +154,9 @@ def _similarity_from_scores(
     ``v_a . r_a = sum_b alpha_ab v_a . u_b`` and ``||r_a||^2 = alpha_a^T G alpha_a``:
     ``r_a = sum_b alpha_ab u_b`` (eq. 3) is never built as a ``[..., m, D]`` tensor.
     """
-    alpha = non_local_attention_weights(cosine, query_mask, key_mask, inverse_temperature, focal, epsilon)
+    alpha = non_local_attention_weights(
+        cosine, query_mask, key_mask, inverse_temperature, focal, epsilon, lambda_scaling
+    )
     numerator = (alpha * value_dots).sum(dim=-1)  # v_a . r_a
     context_norm_sq = (gram_product(alpha) * alpha).sum(dim=-1)  # ||r_a||^2
     relevance = numerator / (query_value_norm * context_norm_sq.clamp(min=0).sqrt()).clamp(min=epsilon)  # eq. 4
@@ -114,6 +176,7 @@ def non_local_similarity(
     focal: bool = True,
     epsilon: float = 1e-8,
     return_attention: bool = False,
+    lambda_scaling: str = "none",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Contextual non-local similarity of every query item with every key item, ``[A, B]``.
 
@@ -127,7 +190,9 @@ def non_local_similarity(
 
     Shapes: ``query_queries``/``query_values`` ``[A, m, D]``, ``key_keys``/``key_values``
     ``[B, n, D]``, masks ``[A, m]`` / ``[B, n]`` or None (all valid). Returns ``[A, B]`` (and the
-    ``[A, B, m, n]`` attention weights if ``return_attention``).
+    ``[A, B, m, n]`` attention weights if ``return_attention``). ``lambda_scaling``: see
+    :func:`non_local_attention_weights` (here and in the functions below, ``"none"`` = eq. 3 as
+    printed).
     """
     num_queries, m = query_queries.shape[:2]
     num_keys, n = key_keys.shape[:2]
@@ -148,6 +213,7 @@ def non_local_similarity(
         inverse_temperature,
         focal,
         epsilon,
+        lambda_scaling,
     )
     if return_attention:
         return similarity, alpha
@@ -164,6 +230,7 @@ def candidate_non_local_similarity(
     inverse_temperature: float,
     focal: bool = True,
     epsilon: float = 1e-8,
+    lambda_scaling: str = "none",
 ) -> Tensor:
     """The same similarity for ``T`` rows, each against its own ``K`` candidates, ``[T, K]``.
 
@@ -193,7 +260,8 @@ def candidate_non_local_similarity(
         gram_product = lambda weights: weights @ gram  # noqa: E731
         query_norm, query_mask = query_values.norm(dim=-1).unsqueeze(1), query_mask.unsqueeze(1)
     similarity, _ = _similarity_from_scores(
-        cosine, value_dots, gram_product, query_norm, query_mask, key_mask, inverse_temperature, focal, epsilon
+        cosine, value_dots, gram_product, query_norm, query_mask, key_mask, inverse_temperature, focal, epsilon,
+        lambda_scaling,
     )
     return similarity
 
@@ -208,6 +276,7 @@ def chunked_non_local_similarity(
     inverse_temperature: float,
     focal: bool = True,
     max_elements: int = 1 << 23,
+    lambda_scaling: str = "none",
 ) -> Tensor:
     """:func:`non_local_similarity` over tiles of the ``[A, B]`` pair grid.
 
@@ -236,6 +305,7 @@ def chunked_non_local_similarity(
                     None if key_mask is None else key_mask[k_slice],
                     inverse_temperature,
                     focal,
+                    lambda_scaling=lambda_scaling,
                 )
             )
         rows.append(torch.cat(columns, dim=1))
@@ -258,6 +328,7 @@ def bidirectional_non_local_similarity(
     text_to_image: bool = True,
     max_elements: int | None = None,
     epsilon: float = 1e-8,
+    lambda_scaling: str = "none",
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(S, S')`` for every image x text, both ``[images x texts]``, sharing the pair products.
 
@@ -297,7 +368,7 @@ def bidirectional_non_local_similarity(
                 similarity, _ = _similarity_from_scores(
                     cosine, value_dots, lambda w: torch.einsum("itmn,tnl->itml", w, gram),
                     image_norm[i].unsqueeze(1), image_mask[i].unsqueeze(1), text_mask[t].unsqueeze(0),
-                    image_inverse_temperature, focal, epsilon,
+                    image_inverse_temperature, focal, epsilon, lambda_scaling,
                 )
                 cols_i2t.append(similarity)
             if text_to_image:
@@ -306,7 +377,7 @@ def bidirectional_non_local_similarity(
                     cosine.transpose(-1, -2), value_dots.transpose(-1, -2),
                     lambda w: torch.einsum("itnm,iml->itnl", w, gram),
                     text_norm[t].unsqueeze(0), text_mask[t].unsqueeze(0), image_mask[i].unsqueeze(1),
-                    text_inverse_temperature, focal, epsilon,
+                    text_inverse_temperature, focal, epsilon, lambda_scaling,
                 )
                 cols_t2i.append(similarity)
         if cols_i2t:
@@ -331,6 +402,7 @@ def candidate_bidirectional_non_local_similarity(
     image_to_text: bool = True,
     text_to_image: bool = True,
     epsilon: float = 1e-8,
+    lambda_scaling: str = "none",
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(S, S')`` of each text ``t`` with its own candidate images, ``[T, K]`` each.
 
@@ -350,14 +422,14 @@ def candidate_bidirectional_non_local_similarity(
         result_i2t, _ = _similarity_from_scores(
             cosine, value_dots, lambda w: torch.einsum("tkmn,tnl->tkml", w, text_gram),
             image_values.norm(dim=-1), image_mask, text_mask.unsqueeze(1),
-            image_inverse_temperature, focal, epsilon,
+            image_inverse_temperature, focal, epsilon, lambda_scaling,
         )
     if text_to_image:
         image_gram = image_values @ image_values.transpose(-1, -2)  # [T, K, m, m]
         result_t2i, _ = _similarity_from_scores(
             cosine.transpose(-1, -2), value_dots.transpose(-1, -2), lambda w: w @ image_gram,
             text_values.norm(dim=-1).unsqueeze(1), text_mask.unsqueeze(1), image_mask,
-            text_inverse_temperature, focal, epsilon,
+            text_inverse_temperature, focal, epsilon, lambda_scaling,
         )
     return result_i2t, result_t2i
 
@@ -369,27 +441,56 @@ class ContextualNonLocalAttention(nn.Module):
     ``T -> T_V`` (values). Image-to-text (eqs. 2-5) gives ``S(I, T)``; text-to-image uses
     ``T_K`` as queries against ``I_Q`` as keys and gives ``S'(T, I)``; both are returned in the
     same ``[images x texts]`` layout so they can be fed to CSAL together.
+
+    ``lambda_scaling`` (``"counts"`` by default, or ``"none"`` for eq. 3 as printed) and the two
+    inverse temperatures: see ``__init__``.
     """
 
     def __init__(
         self,
         dim: int,
-        image_inverse_temperature: float = 20.0,
-        text_inverse_temperature: float = 20.0,
+        image_inverse_temperature: float = NON_LOCAL_LAMBDA_IMAGE,
+        text_inverse_temperature: float = NON_LOCAL_LAMBDA_TEXT,
         focal: bool = True,
         directions: str = "both",
+        lambda_scaling: str = "counts",
     ) -> None:
         super().__init__()
         if directions not in ("both", "image-to-text", "text-to-image"):
             raise ValueError(f"directions must be both, image-to-text or text-to-image, got {directions!r}")
+        if lambda_scaling not in LAMBDA_SCALINGS:
+            raise ValueError(f"lambda_scaling must be one of {LAMBDA_SCALINGS}, got {lambda_scaling!r}")
         self.image_query = nn.Linear(dim, dim)
         self.image_value = nn.Linear(dim, dim)
         self.text_key = nn.Linear(dim, dim)
         self.text_value = nn.Linear(dim, dim)
+        # lambda_1 (eq. 3) and lambda_2 (its text-to-image twin); the paper gives no values.
+        # Eq. 2 normalises the cosines over the queries and the focal filter sums over the keys,
+        # so the printed logit lambda * s~ carries K / Q^2 (non_local_attention_weights): with
+        # Q = 6 image features and K = 34 text features (sentence, 3 sub-sentences, 30 words)
+        # that is 0.94 image-to-text and 0.0052 text-to-image. One lambda for both (the old
+        # default, 20) therefore made image-to-text nearly one-hot and text-to-image nearly
+        # uniform, and no change of the features can fix it: both directions read the same
+        # cosines. "counts" divides the factor out per pair, exactly, so lambda acts on
+        # [r - mean r]_+ r with r = cosine / its mean over the queries, whatever the caption
+        # length. Measured with every valid query counted (tests/test_nafs.py,
+        # structured_pairs: D = 256, 6 image features against 1 + 3 + 20-30 text features,
+        # body parts shared as "a word = an image part + noise", a common offset as in
+        # pretrained features, matched cosines 0.41), one count-free lambda gives both
+        # directions about the same normalised entropy (0 one-hot, 1 uniform): 0.74 / 0.61 at
+        # lambda = 4, 0.61 / 0.56 at 6, 0.53 / 0.53 at 8. The default 4 for both gives max
+        # weights of 0.25 (7.2x uniform over ~29 keys) image-to-text and 0.55 (3.3x over 6)
+        # text-to-image, against 0.61 (17x) and 0.18 (1.1x, entropy 1.00) for 20/20 as printed.
+        # Of 1, 2, 3, 4, 6 and 8 it is the largest that keeps a freshly built synthetic-config
+        # NAFS (pretrained EfficientNet-Lite0 + MiniLM, new projections, rendered synthetic
+        # people) below a max weight of 0.9 in both directions: 0.88 / 0.85 (6: 0.91 / 0.89;
+        # 20/20 as printed: 0.94 / 0.28). As printed (lambda_scaling="none") lambda = 4 is lambda_1 = 4 * 6^2 / 34 = 4.2
+        # and lambda_2 = 4 * 34^2 / 6 = 771 at 34 text features.
         self.image_inverse_temperature = float(image_inverse_temperature)  # lambda_1 (eq. 3)
         self.text_inverse_temperature = float(text_inverse_temperature)  # lambda_2
         self.focal = bool(focal)
         self.directions = directions
+        self.lambda_scaling = lambda_scaling
 
     @property
     def uses_image_to_text(self) -> bool:
@@ -443,7 +544,33 @@ class ContextualNonLocalAttention(nn.Module):
             image_queries, image_values, image_mask, text_keys, text_values, text_mask,
             self.image_inverse_temperature, self.text_inverse_temperature, self.focal,
             image_to_text=self.uses_image_to_text, text_to_image=self.uses_text_to_image, max_elements=max_elements,
+            lambda_scaling=self.lambda_scaling,
         )
+
+    def matched_attention(
+        self, image_queries: Tensor, text_keys: Tensor, image_mask: Tensor | None = None, text_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Attention weights of the pairs (image ``i``, text ``i``): ``(alpha [B, m, n], alpha' [B, n, m])``.
+
+        ``alpha`` is eq. 3's (each image query over the text keys, lambda_1), ``alpha'`` the
+        text-to-image one (each text key over the image queries, lambda_2), from projected
+        ``image_queries`` ``[B, m, D]`` and ``text_keys`` ``[B, n, D]`` (masks ``[B, m]`` /
+        ``[B, n]`` or None). Both are computed whatever ``directions`` says: they are what
+        Fig. 4 shows and what :func:`attention_selectivity` measures.
+        """
+        if image_mask is None:
+            image_mask = image_queries.new_ones(image_queries.shape[:2])
+        if text_mask is None:
+            text_mask = text_keys.new_ones(text_keys.shape[:2])
+        cosine = torch.einsum("bmd,bnd->bmn", F.normalize(image_queries, dim=-1), F.normalize(text_keys, dim=-1))
+        alpha = non_local_attention_weights(
+            cosine, image_mask, text_mask, self.image_inverse_temperature, self.focal, lambda_scaling=self.lambda_scaling
+        )
+        alpha_t2i = non_local_attention_weights(
+            cosine.transpose(1, 2), text_mask, image_mask, self.text_inverse_temperature, self.focal,
+            lambda_scaling=self.lambda_scaling,
+        )
+        return alpha, alpha_t2i
 
 
 # =============================================================================================

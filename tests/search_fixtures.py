@@ -1,5 +1,6 @@
 """Helpers behind the search fixtures in conftest.py: a tiny trained checkpoint, a sidecar of
-camera / time metadata for the synthetic gallery, and checkpoints that must be refused."""
+camera / time metadata for the synthetic gallery, checkpoints that must be refused, and hostile
+files (a pickle that runs code, a decompression bomb)."""
 
 from __future__ import annotations
 
@@ -76,8 +77,51 @@ def checkpoint_with_embed_dim(source: Path, target: Path, embed_dim: int) -> Pat
 
 def checkpoint_with_other_weights(source: Path, target: Path) -> Path:
     """The same method and size, slightly different weights (e.g. another training run)."""
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     key = next(k for k, v in checkpoint["state_dict"].items() if k.startswith("method.image_projection") and v.is_floating_point())
     checkpoint["state_dict"][key] = checkpoint["state_dict"][key] + 0.01
     torch.save(checkpoint, target)
+    return target
+
+
+class _CreatesFileWhenUnpickled:
+    """Unpickling this calls ``open(marker, "w")``: the marker file proves code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import builtins
+
+        return builtins.open, (self.marker, "w")
+
+
+def write_code_running_checkpoint(target: Path, marker: Path, *, like: dict[str, Any] | None = None) -> Path:
+    """A file that looks like a tbps checkpoint (``like``'s entries, or minimal ones) but whose
+    pickle creates ``marker`` when loaded with a full unpickler (``weights_only=False``)."""
+    checkpoint = dict(like) if like is not None else {"tbps": {"method": "baseline"}, "state_dict": {}}
+    checkpoint["payload"] = _CreatesFileWhenUnpickled(marker)
+    torch.save(checkpoint, target)
+    return target
+
+
+def write_png_bomb(target: Path, width: int, height: int) -> Path:
+    """A valid 1-bit greyscale PNG of ``width`` x ``height`` black pixels, written row by row
+    through zlib so that neither the test nor the file uses much memory (13,000 x 13,000 is
+    about 21 KB on disk; decoded as RGB it would take 507 MB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte 0, then the packed bits
+    parts = [compressor.compress(row) for _ in range(height)]
+    parts.append(compressor.flush())
+    with target.open("wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n")
+        handle.write(chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)))
+        handle.write(chunk(b"IDAT", b"".join(parts)))
+        handle.write(chunk(b"IEND", b""))
     return target

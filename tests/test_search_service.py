@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 def client(search_index: Path) -> TestClient:
     # raise_server_exceptions=False: a server error must show up as a 500 response, which the
     # tests below assert never happens, instead of as an exception in the test.
-    return TestClient(create_app(search_index, max_upload_bytes=200_000), raise_server_exceptions=False)
+    # base_url: the service only answers requests addressed to a loopback name by default.
+    return TestClient(create_app(search_index, max_upload_bytes=200_000), base_url="http://localhost", raise_server_exceptions=False)
 
 
 def _jpeg(path: str) -> bytes:

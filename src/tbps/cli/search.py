@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tbps.search.images import DEFAULT_MAX_PIXELS
+
 index_app = typer.Typer(help="Build and inspect search indexes over image folders.", no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
@@ -29,7 +31,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, CheckpointError)
 
 
-def _sources(images: Optional[Path], dataset: Optional[str], root: Optional[Path], split: str, pattern: Optional[str], sidecar: Optional[Path]):
+MAX_PIXELS_HELP = "largest image decoded, in pixels (width x height); larger ones are skipped undecoded (decompression bombs)"
+
+
+def _sources(images: Optional[Path], dataset: Optional[str], root: Optional[Path], split: str, pattern: Optional[str], sidecar: Optional[Path], follow_symlinks: bool = False):
     from tbps.search.index import dataset_sources, scan_folder
 
     if (images is None) == (dataset is None):
@@ -37,8 +42,10 @@ def _sources(images: Optional[Path], dataset: Optional[str], root: Optional[Path
     if dataset is not None:
         if root is None:
             _fail("--dataset needs --root")
+        if follow_symlinks:
+            _fail("--follow-symlinks applies to --images folders only")
         return dataset_sources(dataset, root, split)
-    return scan_folder(images, pattern=pattern, sidecar=sidecar)
+    return scan_folder(images, pattern=pattern, sidecar=sidecar, follow_symlinks=follow_symlinks)
 
 
 class _BatchProgress:
@@ -87,15 +94,17 @@ def build_command(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted build from its last completed batch"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing index"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="follow symbolic links whose target lies inside --images (others are always skipped)"),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help=MAX_PIXELS_HELP),
 ) -> None:
     """Embed a folder of person images (or a benchmark split) into a searchable index."""
     from tbps.search.index import build_index
 
     try:
-        sources = _sources(images, dataset, root, split, pattern, sidecar)
+        sources = _sources(images, dataset, root, split, pattern, sidecar, follow_symlinks)
         with _BatchProgress("embedding") as progress:
             report = build_index(checkpoint, sources, out, kind=kind, batch_size=batch_size, num_workers=workers,
-                                 resume=resume, overwrite=overwrite, device=device, on_batch=progress)
+                                 resume=resume, overwrite=overwrite, device=device, on_batch=progress, max_pixels=max_pixels)
     except _user_errors() as error:
         _fail(str(error))
     _print_report(report, "indexed")
@@ -112,15 +121,17 @@ def add_command(
     batch_size: int = typer.Option(64, min=1),
     workers: int = typer.Option(2, min=0),
     device: str = typer.Option("cpu"),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="as for build"),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help=MAX_PIXELS_HELP + " (default: the index's own)"),
 ) -> None:
     """Append images to an index without rebuilding it."""
     from tbps.search.index import SearchIndexError, add_images, scan_folder
 
     try:
-        sources = scan_folder(images, pattern=pattern, sidecar=sidecar)
+        sources = scan_folder(images, pattern=pattern, sidecar=sidecar, follow_symlinks=follow_symlinks)
         with _BatchProgress("embedding") as progress:
             report = add_images(index, sources, checkpoint=checkpoint, batch_size=batch_size, num_workers=workers,
-                                device=device, on_batch=progress)
+                                device=device, on_batch=progress, max_pixels=max_pixels)
     except (*_user_errors(), SearchIndexError) as error:
         _fail(str(error))
     _print_report(report, "added")
@@ -149,7 +160,8 @@ def verify_command(
     index: Path = typer.Argument(...),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="also check this checkpoint is compatible"),
 ) -> None:
-    """Check file checksums, counts and model compatibility; exit code 1 on any problem."""
+    """Check file checksums, counts, image roots, the checkpoint's hash (without loading it) and,
+    with --checkpoint, model compatibility; exit code 1 on any problem."""
     from tbps.search.index import verify_index
 
     problems = verify_index(index, checkpoint)
@@ -171,13 +183,14 @@ def search_command(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="defaults to the index's own checkpoint"),
     as_json: bool = typer.Option(False, "--json", help="print hits as JSON"),
     html_out: Optional[Path] = typer.Option(None, "--html", help="write an HTML page of the hits"),
+    image_root: Optional[list[Path]] = typer.Option(None, "--image-root", help="read images for --html only inside these folders (repeatable; default: the index's own)"),
 ) -> None:
-    """Search an index by description."""
+    """Search an index by description (ranked by the method's own test score; see --rerank)."""
     from tbps.search.index import SearchIndexError
     from tbps.search.searcher import Searcher
 
     try:
-        searcher = Searcher.open(index, checkpoint)
+        searcher = Searcher.open(index, checkpoint, image_roots=image_root)
         hits = searcher.search(query, k=k, rerank=rerank, filters={"camera": camera, "time_from": time_from, "time_to": time_to})
     except (*_user_errors(), SearchIndexError) as error:
         _fail(str(error))
@@ -191,24 +204,22 @@ def search_command(
             table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.metadata.get("camera") or "", hit.metadata.get("timestamp") or "", hit.path)
         console.print(table)
     if html_out is not None:
-        _write_hits_html(html_out, query, hits)
+        _write_hits_html(html_out, query, hits, searcher)
         err_console.print(f"wrote {html_out}")
 
 
-def _write_hits_html(out: Path, query: str, hits) -> None:
-    """A self-contained page of thumbnails (embedded as data URIs, so it can be moved or mailed)."""
+def _write_hits_html(out: Path, query: str, hits, searcher) -> None:
+    """A self-contained page of thumbnails (embedded as data URIs, so it can be moved or mailed).
+    Images are read as the server reads them: inside the image roots, at most max_pixels."""
     import base64
     import io
-
-    from PIL import Image
 
     from tbps.utils import atomic_write
 
     cards = []
     for hit in hits:
         try:
-            with Image.open(hit.path) as image:
-                picture = image.convert("RGB")
+            picture = searcher.load_image(hit.id)
             picture.thumbnail((256, 160))
             buffer = io.BytesIO()
             picture.save(buffer, format="JPEG", quality=85)
@@ -235,8 +246,48 @@ def serve_command(
     port: int = typer.Option(8000, min=0, max=65535),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="defaults to the index's own checkpoint"),
     workers_threads: int = typer.Option(0, "--torch-threads", min=0, help="torch intra-op threads (0: torch default)"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="TBPS_TOKEN", show_envvar=True,
+                                        help="access token required on every request (prefer the TBPS_TOKEN variable: "
+                                             "a command line is visible to other users); required off loopback"),
+    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="accept requests for this Host name "
+                                                   "(repeatable; default: localhost, 127.0.0.1, ::1 and a specific --host; '*': any)"),
+    cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="let pages of this origin call the API "
+                                                    "(repeatable, e.g. https://intranet.example; default: none)"),
+    insecure: bool = typer.Option(False, "--insecure", help="serve a non-loopback address without a token (anyone who "
+                                  "reaches the port can search and read every indexed image)"),
+    image_root: Optional[list[Path]] = typer.Option(None, "--image-root", help="serve image files only inside these folders "
+                                                    "(repeatable; default: the folders recorded in the index)"),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help=MAX_PIXELS_HELP),
+    max_decodes: int = typer.Option(2, "--max-decodes", min=1, help="image decodes run at once (uploads, thumbnails, explanations)"),
 ) -> None:
-    """Serve the web page and JSON API (OpenAPI docs at /docs) for an index."""
+    """Serve the web page and JSON API (OpenAPI docs at /docs) for an index.
+
+    On loopback (the default) no token is needed. On any other address a token is required
+    (--token or TBPS_TOKEN) unless --insecure; browsers sign in once at /?token=TOKEN.
+    """
+    from tbps.search.service import check_token, is_loopback
+
+    loopback = is_loopback(host)
+    try:
+        token = check_token(token)
+    except ValueError as error:
+        _fail(str(error))
+    if not loopback and token is None:
+        if not insecure:
+            _fail(
+                f"refusing to serve {host} without an access token: anyone who can reach the port could search the "
+                "gallery and read every indexed image. Set TBPS_TOKEN (or --token), bind to 127.0.0.1 behind a "
+                "reverse proxy, or pass --insecure to do it anyway"
+            )
+        err_console.print(
+            f"[bold red]WARNING:[/] serving {host}:{port} WITHOUT AUTHENTICATION (--insecure): anyone who can reach "
+            "this port can search the gallery and download every indexed image"
+        )
+    if not loopback and token is not None:
+        err_console.print("[yellow]note:[/] the token and the images travel unencrypted over plain HTTP; "
+                          "put a TLS reverse proxy in front of tbps serve on an untrusted network")
+    hosts = list(allow_host) if allow_host else list(_default_hosts(host))
+
     import torch
     import uvicorn
 
@@ -246,8 +297,24 @@ def serve_command(
     if workers_threads:
         torch.set_num_threads(workers_threads)
     try:
-        app = create_app(index, checkpoint)
+        app = create_app(index, checkpoint, token=token, allowed_hosts=hosts, cors_origins=cors_origin or (),
+                         image_roots=image_root, max_pixels=max_pixels, max_decodes=max_decodes)
     except (*_user_errors(), SearchIndexError) as error:
         _fail(str(error))
+    roots = ", ".join(str(root) for root in app.state.searcher.image_roots)
     console.print(f"serving {index} on http://{host}:{port}/  (API docs: /docs)")
+    console.print(f"image files are served only from: {roots}")
+    console.print(f"accepted Host names: {', '.join(hosts)}" + (f"; CORS origins: {', '.join(cors_origin)}" if cors_origin else ""))
+    if token is not None:
+        console.print(f"access token required: open http://{host}:{port}/?token=<your token> once in the browser, "
+                      "or send 'Authorization: Bearer <token>'")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _default_hosts(host: str) -> tuple[str, ...]:
+    """Loopback names, plus the bind address itself when it is a specific one (not 0.0.0.0 / ::)."""
+    from tbps.search.service import LOOPBACK_HOSTS, normalise_host
+
+    name = normalise_host(host)
+    extra = () if name in ("0.0.0.0", "::", "") or name in LOOPBACK_HOSTS else (name,)
+    return (*LOOPBACK_HOSTS, *extra)

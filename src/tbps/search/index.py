@@ -9,6 +9,13 @@ An index is a directory::
     local_<name>.npy     the method's other image features, float16, opened memory-mapped
     metadata.json        one entry per image: path, width, height, camera, timestamp, person id
 
+The manifest also records the *image roots*: the resolved folders the images were indexed from.
+``tbps serve`` reads image files only inside them (see :mod:`tbps.search.images`). A folder scan
+does not follow symbolic links unless asked (``follow_symlinks``), and even then keeps only links
+whose target lies inside the scanned folder: the server would refuse any other, so indexing it
+would only leave a hole in the gallery (and record a path outside the folder). Images whose
+header declares more than ``max_pixels`` pixels are skipped undecoded, like unreadable ones.
+
 A build writes into ``.<name>.building`` beside the target, keeping one feature file per
 completed batch plus ``progress.json``; only a finished build is renamed into place, so an
 interrupted build never leaves a half-written index and ``resume=True`` restarts after the
@@ -24,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -35,9 +43,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tbps.data.records import ImageLoadError, load_image
+from tbps.data.records import ImageLoadError
 from tbps.data.transforms import ImageTransform
 from tbps.models.base import PersonSearchMethod
+from tbps.search.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageAccessError,
+    check_max_pixels,
+    decode_image,
+    is_inside,
+    open_inside_roots,
+    real_roots,
+)
 from tbps.utils import atomic_write, sha256_file
 
 FORMAT_VERSION = 1
@@ -73,6 +90,23 @@ class ImageSource:
     camera: str | None = None
     timestamp: str | None = None
     person_id: int | None = None
+    # The folder the image was found in (resolved); the image must stay inside it. None: the
+    # image's own folder.
+    root: Path | None = None
+
+    @property
+    def image_root(self) -> Path:
+        return Path(os.path.realpath(self.root if self.root is not None else Path(self.path).parent))
+
+
+class FolderScan(list):
+    """What :func:`scan_folder` found: a list of :class:`ImageSource`, plus ``root`` (resolved)
+    and ``skipped`` (entries passed over, each ``{"path", "reason"}``, reported by the build)."""
+
+    def __init__(self, sources: Sequence[ImageSource], root: Path, skipped: list[dict[str, str]]) -> None:
+        super().__init__(sources)
+        self.root = root
+        self.skipped = skipped
 
 
 @dataclass
@@ -149,23 +183,75 @@ def scan_folder(
     *,
     pattern: str | None = None,
     sidecar: str | os.PathLike | None = None,
-) -> list[ImageSource]:
+    follow_symlinks: bool = False,
+) -> FolderScan:
     """Every image file under ``folder`` (recursive, sorted), with camera / timestamp metadata.
 
     ``pattern`` is a regular expression searched in the relative path whose named groups
     ``camera`` and ``timestamp`` fill the metadata; ``sidecar`` is a CSV that overrides it.
+
+    Symbolic links (to files or folders) are passed over and reported unless ``follow_symlinks``;
+    with it, a link is followed only when its target lies inside ``folder`` (each target folder
+    once, so link loops end). Other non-regular files (FIFOs, devices) are always passed over.
+    Each source's ``path`` is its resolved location, inside the resolved ``folder``.
     """
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    real_root = Path(os.path.realpath(root))
     compiled = re.compile(pattern) if pattern else None
     side = read_sidecar_csv(sidecar) if sidecar else {}
+    skipped: list[dict[str, str]] = []
+    not_followed = "symbolic link, not followed (--follow-symlinks follows links that stay inside the indexed folder)"
+    found: list[tuple[Path, Path]] = []  # (path as walked, resolved path)
+    visited = {real_root}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+        here = Path(dirpath)
+        keep = []
+        for name in sorted(dirnames):
+            sub = here / name
+            target = Path(os.path.realpath(sub))
+            if sub.is_symlink() and not follow_symlinks:
+                skipped.append({"path": str(sub), "reason": not_followed})
+            elif not is_inside(target, (real_root,)):
+                skipped.append({"path": str(sub), "reason": f"symbolic link to a folder outside the indexed folder ({target})"})
+            elif target in visited:
+                skipped.append({"path": str(sub), "reason": f"folder {target} is already indexed through another link"})
+            else:
+                visited.add(target)
+                keep.append(name)
+        dirnames[:] = keep
+        for name in filenames:
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = here / name
+            try:
+                is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+                if is_link and not follow_symlinks:
+                    skipped.append({"path": str(path), "reason": not_followed})
+                    continue
+                real = Path(os.path.realpath(path))
+                if not is_inside(real, (real_root,)):
+                    skipped.append({"path": str(path), "reason": f"symbolic link to a file outside the indexed folder ({real})"})
+                    continue
+                if not stat.S_ISREG(os.stat(real).st_mode):
+                    skipped.append({"path": str(path), "reason": "not a regular file"})
+                    continue
+            except OSError as error:  # a dangling link, a file removed while scanning
+                skipped.append({"path": str(path), "reason": str(error)})
+                continue
+            found.append((path, real))
     sources = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+    seen: dict[Path, Path] = {}
+    for path, real in sorted(found):
+        if real in seen:
+            skipped.append({"path": str(path), "reason": f"same file as {seen[real]}"})
+            continue
+        seen[real] = path
         relative = path.relative_to(root).as_posix()
         meta = {**_metadata_from_pattern(relative, compiled), **{k: v for k, v in side.get(relative, {}).items() if v}}
-        sources.append(ImageSource(path.resolve(), relative, meta.get("camera"), meta.get("timestamp")))
-    return sources
+        sources.append(ImageSource(real, relative, meta.get("camera"), meta.get("timestamp"), root=real_root))
+    return FolderScan(sources, real_root, skipped)
 
 
 def dataset_sources(name: str, root: str | os.PathLike, split: str = "test") -> list[ImageSource]:
@@ -173,28 +259,38 @@ def dataset_sources(name: str, root: str | os.PathLike, split: str = "test") -> 
     from tbps.data.readers import load_dataset
 
     dataset = load_dataset(name, root)
+    real_root = Path(os.path.realpath(root))
+    # The dataset root is the image root: an annotation naming a file outside it is skipped at build.
     return [
-        ImageSource(Path(r.image_path), r.relative_path or Path(r.image_path).name, r.camera, None, int(r.person_id))
+        ImageSource(Path(r.image_path), r.relative_path or Path(r.image_path).name, r.camera, None, int(r.person_id), real_root)
         for r in dataset.split(split)
     ]
 
 
 # --------------------------------------------------------------------------- encoding
 class _IndexImages(Dataset):
-    """Decoded and transformed images; unreadable files come back as their error message."""
+    """Decoded and transformed images; unreadable, oversized (over ``max_pixels``, never decoded)
+    and out-of-root files come back as their error message."""
 
-    def __init__(self, sources: Sequence[ImageSource], transform: ImageTransform) -> None:
+    def __init__(self, sources: Sequence[ImageSource], transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.sources = sources
         self.transform = transform
+        self.max_pixels = check_max_pixels(max_pixels)
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, tuple[int, int], str | None]:
+        source = self.sources[index]
         try:
-            image = load_image(self.sources[index].path)
+            with open_inside_roots(source.path, (source.image_root,)) as handle:
+                image = decode_image(handle, max_pixels=self.max_pixels, name=source.path)
         except ImageLoadError as error:
             return index, None, (0, 0), error.reason
+        except ImageAccessError as error:
+            return index, None, (0, 0), str(error)
+        except OSError as error:
+            return index, None, (0, 0), error.strerror or str(error)
         return index, self.transform(image), image.size, None
 
 
@@ -222,11 +318,11 @@ def encode_images(method: PersonSearchMethod, images: torch.Tensor) -> dict[str,
     return out
 
 
-def _progress_digest(checkpoint_hash: str, sources: Sequence[ImageSource], batch_size: int) -> str:
+def _progress_digest(checkpoint_hash: str, sources: Sequence[ImageSource], batch_size: int, max_pixels: int) -> str:
     """Identifies a build so ``--resume`` only continues the same build."""
-    digest = hashlib.sha256(f"{checkpoint_hash}\n{batch_size}\n".encode())
+    digest = hashlib.sha256(f"{checkpoint_hash}\n{batch_size}\n{max_pixels}\n".encode())
     for source in sources:
-        digest.update(f"{source.path}\t{source.camera}\t{source.timestamp}\t{source.person_id}\n".encode())
+        digest.update(f"{source.path}\t{source.camera}\t{source.timestamp}\t{source.person_id}\t{source.image_root}\n".encode())
     return digest.hexdigest()
 
 
@@ -242,6 +338,7 @@ def _encode_into(
     resume: bool,
     device: str,
     on_batch: ProgressCallback | None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> int:
     """Encode ``sources`` batch by batch into ``work_dir/batches``; returns the first batch run now."""
     batch_dir = work_dir / "batches"
@@ -263,7 +360,7 @@ def _encode_into(
     remaining = list(range(done * batch_size, len(sources)))
     if remaining:
         loader = DataLoader(
-            torch.utils.data.Subset(_IndexImages(sources, transform), remaining),
+            torch.utils.data.Subset(_IndexImages(sources, transform, max_pixels), remaining),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_collate,
@@ -294,7 +391,7 @@ def _gather_batches(work_dir: Path, sources: Sequence[ImageSource]) -> tuple[dic
     metadata: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     for path in sorted((work_dir / "batches").glob("*.npz")):
-        with np.load(path) as batch:
+        with np.load(path, allow_pickle=False) as batch:
             skipped.extend(json.loads(str(batch["skipped"])))
             for key in batch.files:
                 if key.startswith("feature:"):
@@ -431,9 +528,15 @@ def build_index(
     overwrite: bool = False,
     device: str = "cpu",
     on_batch: ProgressCallback | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> BuildReport:
-    """Embed ``sources`` with the checkpoint's method and write a complete index to ``out_dir``."""
+    """Embed ``sources`` with the checkpoint's method and write a complete index to ``out_dir``.
+
+    ``sources`` from :func:`scan_folder` carry the entries the scan passed over (symbolic links,
+    non-regular files); they are reported with the unreadable and oversized images.
+    """
     out_dir = Path(out_dir)
+    check_max_pixels(max_pixels)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{str(out_dir)!r} already exists; pass overwrite=True (--overwrite) to replace it")
     if batch_size < 1:
@@ -444,24 +547,34 @@ def build_index(
     method, config, info = _checkpoint_info(checkpoint)
     method.to(device)
     work_dir = _working_dir(out_dir, "building")
-    digest = _progress_digest(info["checkpoint_sha256"], sources, batch_size)
+    digest = _progress_digest(info["checkpoint_sha256"], sources, batch_size, max_pixels)
     transform = image_transform(method, info["image_size"])
     first = _encode_into(method, transform, sources, work_dir, digest=digest, batch_size=batch_size,
-                         num_workers=num_workers, resume=resume, device=device, on_batch=on_batch)
+                         num_workers=num_workers, resume=resume, device=device, on_batch=on_batch, max_pixels=max_pixels)
     features, metadata, skipped = _gather_batches(work_dir, sources)
+    skipped = _scan_skipped(sources) + skipped
     if not metadata:
         raise ValueError(f"none of the {len(sources)} images could be read (first: {skipped[0]['reason'] if skipped else '?'})")
     index, faiss_params = make_faiss_index(features["global"], kind)
     report = BuildReport(indexed=len(metadata), skipped=skipped, seconds=time.perf_counter() - started, resumed_from_batch=first)
     now = datetime.now().astimezone().isoformat(timespec="seconds")
     manifest = {**info, "config": config, "faiss": faiss_params, "created": now, "updated": now,
-                "build_report": report.to_dict()}
+                "image_roots": _source_roots(sources), "max_pixels": max_pixels, "build_report": report.to_dict()}
     final_dir = _working_dir(out_dir, "final")
     shutil.rmtree(final_dir, ignore_errors=True)
     _write_index_files(final_dir, features, metadata, index, manifest)
     _swap_into_place(final_dir, out_dir)
     shutil.rmtree(work_dir, ignore_errors=True)
     return report
+
+
+def _scan_skipped(sources: Sequence[ImageSource]) -> list[dict[str, str]]:
+    return list(sources.skipped) if isinstance(sources, FolderScan) else []
+
+
+def _source_roots(sources: Sequence[ImageSource], known: Sequence[str] = ()) -> list[str]:
+    """The resolved image roots of ``sources`` added to ``known``, sorted."""
+    return sorted(set(known) | {str(source.image_root) for source in sources})
 
 
 def _swap_into_place(new_dir: Path, out_dir: Path) -> None:
@@ -535,8 +648,8 @@ class GalleryIndex:
         manifest = read_manifest(path)
         try:
             faiss_index = faiss.deserialize_index(np.fromfile(path / GLOBAL_INDEX, dtype=np.uint8))
-            vectors = np.load(path / GLOBAL_VECTORS, mmap_mode="r")
-            local = {key: np.load(path / f"local_{key}.npy", mmap_mode="r") for key in manifest["local_features"]}
+            vectors = np.load(path / GLOBAL_VECTORS, mmap_mode="r", allow_pickle=False)
+            local = {key: np.load(path / f"local_{key}.npy", mmap_mode="r", allow_pickle=False) for key in manifest["local_features"]}
             metadata = json.loads((path / METADATA).read_text())
         except (OSError, ValueError, RuntimeError) as error:
             raise SearchIndexError(f"index {str(path)!r} is damaged or incomplete: {error}; run `tbps index verify`") from error
@@ -555,6 +668,15 @@ class GalleryIndex:
 
     def __len__(self) -> int:
         return len(self.metadata)
+
+    @property
+    def image_roots(self) -> tuple[Path, ...]:
+        """The folders image files are read from: the manifest's ``image_roots``; for an index
+        built before they were recorded, the folders of the indexed files themselves."""
+        roots = self.manifest.get("image_roots")
+        if roots is None:
+            roots = sorted({os.path.dirname(row["path"]) for row in self.metadata})
+        return real_roots(roots)
 
     def image_features(self, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """Global and local features of some images as float32 tensors, in ``ids`` order."""
@@ -582,9 +704,18 @@ def verify_index(index_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
     if problems:
         return problems
     try:
-        GalleryIndex.open(path)
+        gallery = GalleryIndex.open(path)
     except SearchIndexError as error:
         problems.append(str(error))
+        gallery = None
+    if gallery is not None:
+        roots = gallery.image_roots
+        outside = [row["path"] for row in gallery.metadata if not is_inside(os.path.realpath(row["path"]), roots)]
+        if outside:
+            problems.append(
+                f"{len(outside)} indexed images lie outside the index's image roots {[str(r) for r in roots]} "
+                f"(e.g. {outside[0]!r}); tbps serve will not serve them"
+            )
     if checkpoint is not None:
         try:
             method, config, info = _checkpoint_info(checkpoint)
@@ -594,6 +725,12 @@ def verify_index(index_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
             problems.append(str(error))
     elif not Path(manifest["checkpoint"]).is_file():
         problems.append(f"the index's checkpoint {manifest['checkpoint']!r} is missing: pass --checkpoint to search")
+    elif sha256_file(manifest["checkpoint"]) != manifest["checkpoint_sha256"]:
+        # Hashed, never loaded: a swapped checkpoint is reported without unpickling it.
+        problems.append(
+            f"the index's checkpoint {manifest['checkpoint']!r} has changed since the index was built "
+            f"(sha256 {sha256_file(manifest['checkpoint'])[:12]} vs {manifest['checkpoint_sha256'][:12]} in the manifest)"
+        )
     return problems
 
 
@@ -606,8 +743,12 @@ def add_images(
     num_workers: int = 0,
     device: str = "cpu",
     on_batch: ProgressCallback | None = None,
+    max_pixels: int | None = None,
 ) -> BuildReport:
     """Append images to an index without re-embedding the old ones (already indexed paths are skipped).
+
+    ``max_pixels`` defaults to the index's own limit (``DEFAULT_MAX_PIXELS`` for older indexes);
+    the new images' folders join the index's image roots.
 
     The updated index is written beside the old one and renamed into place, so a failed add
     leaves the old index untouched.
@@ -616,20 +757,23 @@ def add_images(
     index_dir = Path(index_dir)
     gallery = GalleryIndex.open(index_dir)
     manifest = gallery.manifest
+    max_pixels = check_max_pixels(max_pixels if max_pixels is not None else int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS)))
     method, config, info = _checkpoint_info(checkpoint or manifest["checkpoint"])
     check_compatible(manifest, method, info["method"], info["checkpoint_sha256"])
     method.to(device)
     known = {row["path"] for row in gallery.metadata}
     new_sources = [source for source in sources if str(source.path) not in known]
     report = BuildReport()
+    report.skipped.extend(_scan_skipped(sources))
     report.skipped.extend({"path": str(s.path), "reason": "already indexed"} for s in sources if str(s.path) in known)
     if not new_sources:
         report.seconds = time.perf_counter() - started
         return report
     work_dir = _working_dir(index_dir, "adding")
-    digest = _progress_digest(info["checkpoint_sha256"], new_sources, batch_size)
+    digest = _progress_digest(info["checkpoint_sha256"], new_sources, batch_size, max_pixels)
     _encode_into(method, image_transform(method, info["image_size"]), new_sources, work_dir, digest=digest,
-                 batch_size=batch_size, num_workers=num_workers, resume=False, device=device, on_batch=on_batch)
+                 batch_size=batch_size, num_workers=num_workers, resume=False, device=device, on_batch=on_batch,
+                 max_pixels=max_pixels)
     features, metadata, skipped = _gather_batches(work_dir, new_sources)
     report.skipped.extend(skipped)
     report.indexed = len(metadata)
@@ -641,7 +785,9 @@ def add_images(
         for key, values in gallery.local.items():
             merged[key] = np.concatenate([np.asarray(values), features[key]])
         report.seconds = time.perf_counter() - started
+        old_roots = [str(root) for root in gallery.image_roots]
         updated = {**manifest, "updated": datetime.now().astimezone().isoformat(timespec="seconds"),
+                   "image_roots": _source_roots(new_sources, old_roots), "max_pixels": max_pixels,
                    "last_add_report": report.to_dict()}
         final_dir = _working_dir(index_dir, "final")
         shutil.rmtree(final_dir, ignore_errors=True)
@@ -675,6 +821,8 @@ def index_summary(index_dir: str | os.PathLike) -> dict[str, Any]:
         "faiss": manifest["faiss"],
         "checkpoint": manifest["checkpoint"],
         "checkpoint_sha256": manifest["checkpoint_sha256"],
+        "image_roots": manifest.get("image_roots"),
+        "max_pixels": manifest.get("max_pixels"),
         "created": manifest["created"],
         "updated": manifest["updated"],
         "skipped_at_build": manifest["build_report"]["skipped_count"],

@@ -1,8 +1,18 @@
 """Query an index: text or image in, ranked hits out, with optional re-ranking and explanations.
 
-Scoring follows the evaluator's shared route: FAISS top-n by global cosine (stage 1), then the
-method's ``score_candidates`` on those candidates through :func:`two_stage_similarity`, then
-optionally :func:`rvn_rerank` among the candidates.
+Scoring follows the evaluator (:func:`tbps.evaluation.evaluator.score_features`), so a search
+ranks a gallery exactly as ``tbps eval`` ranks a test split:
+
+* ``rerank="none"`` ranks by the method's own test score, :meth:`PersonSearchMethod.similarity`.
+  When that score is the global cosine (the baseline, LAIP's ITC, any method whose
+  ``has_fine_similarity`` is off) the FAISS index answers. Otherwise (ISANet's
+  ``S_global + S_local``, NAFS's and ACSA's fine scores) every allowed image is scored with
+  ``similarity`` on its stored features, in tiles of ``score_tile_bytes`` of features, keeping a
+  running top-k: exact, and linear in the gallery size.
+* ``two-stage`` is what the user asks for speed or for a pairwise head (LAIP's ITM): FAISS top-n
+  by global cosine, then the method's ``score_candidates`` on those candidates through
+  :func:`two_stage_similarity`.
+* ``rvn`` / ``two-stage+rvn``: :func:`rvn_rerank` among the top-n candidates of the above.
 """
 
 from __future__ import annotations
@@ -21,10 +31,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from tbps.data.records import load_image
 from tbps.evaluation.evaluator import RERANK_MODES
 from tbps.evaluation.rerank import rvn_rerank, two_stage_similarity
 from tbps.models.base import PersonSearchMethod
+from tbps.search.images import (
+    DEFAULT_MAX_PIXELS,
+    check_max_pixels,
+    decode_image,
+    open_inside_roots,
+    real_roots,
+)
 from tbps.search.index import (
     GalleryIndex,
     check_compatible,
@@ -41,6 +57,9 @@ DEFAULT_CANDIDATES = 100
 # Filtered queries scan the allowed subset exactly when it is this small (exact and cheap);
 # larger subsets go through FAISS with an ID selector.
 EXACT_FILTER_LIMIT = 200_000
+# Features scored per tile when the method's own score is not the global cosine: 64 MB of float32
+# keeps the tile's intermediate tensors small next to the model while amortising the call.
+SCORE_TILE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -113,22 +132,48 @@ class Explanation:
 class Searcher:
     """Searches one index with the checkpoint it was built from (or a compatible one)."""
 
-    def __init__(self, index: GalleryIndex, method: PersonSearchMethod, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        index: GalleryIndex,
+        method: PersonSearchMethod,
+        config: Mapping[str, Any],
+        *,
+        image_roots: Sequence[str | os.PathLike] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        score_tile_bytes: int = SCORE_TILE_BYTES,
+    ) -> None:
         self.index = index
         self.method = method
         self.config = config
         self.image_size = tuple(int(v) for v in config["data"]["image_size"])
         self.transform = image_transform(method, self.image_size)
         self.text_processor = method.build_text_processor()
+        # Image files are read only inside these folders (the index's own unless given).
+        self.image_roots = real_roots(image_roots) if image_roots is not None else index.image_roots
+        self.max_pixels = check_max_pixels(max_pixels)
+        if score_tile_bytes < 1:
+            raise ValueError(f"score_tile_bytes must be >= 1, got {score_tile_bytes}")
+        self.score_tile_bytes = int(score_tile_bytes)
         self._phrases = None
         self._phrase_lock = threading.Lock()
 
     @classmethod
-    def open(cls, index_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *, strict: bool = True) -> "Searcher":
+    def open(
+        cls,
+        index_dir: str | os.PathLike,
+        checkpoint: str | os.PathLike | None = None,
+        *,
+        strict: bool = True,
+        image_roots: Sequence[str | os.PathLike] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> "Searcher":
         """Open an index with its own checkpoint, or ``checkpoint`` after checking it is compatible.
 
         ``strict=False`` accepts a checkpoint of the same method and feature size whose weights
-        differ (e.g. a later epoch of the same run), which is otherwise refused.
+        differ (e.g. a later epoch of the same run), which is otherwise refused. ``image_roots``
+        replaces the folders recorded in the index as the only places image files are read
+        from (give them for an index you did not build yourself). The checkpoint is read with
+        ``weights_only=True`` (:func:`tbps.engine.checkpoint.read_checkpoint`).
         """
         from tbps.engine.checkpoint import load_method
 
@@ -140,10 +185,31 @@ class Searcher:
         method, config = load_method(path)
         dim = probe_feature_dim(method, config["data"]["image_size"])
         check_compatible(manifest, method, config["method"], sha256_file(path) if strict else None, dim)
-        return cls(index, method, config)
+        return cls(index, method, config, image_roots=image_roots, max_pixels=max_pixels)
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def scoring(self) -> str:
+        """``"global"`` when the method's test score is the global cosine (FAISS ranks), else
+        ``"method"`` (every allowed image is scored with the method's ``similarity``)."""
+        own = type(self.method).similarity is not PersonSearchMethod.similarity
+        return "method" if own and bool(self.method.has_fine_similarity) else "global"
+
+    # ------------------------------------------------------------------ image files
+    def open_image_file(self, image_id: int):
+        """The indexed file of ``image_id``, opened, if it is still a regular file inside the
+        image roots (:func:`~tbps.search.images.open_inside_roots`); the caller closes it."""
+        self._check_id(image_id)
+        return open_inside_roots(self.index.metadata[int(image_id)]["path"], self.image_roots)
+
+    def load_image(self, image_id: int, *, semaphore: threading.Semaphore | None = None, exif_transpose: bool = False) -> Image.Image:
+        """The decoded RGB picture of ``image_id`` (confined to the image roots, at most
+        ``max_pixels`` pixels)."""
+        with self.open_image_file(image_id) as handle:
+            return decode_image(handle, max_pixels=self.max_pixels, name=self.index.metadata[int(image_id)]["path"],
+                                semaphore=semaphore, exif_transpose=exif_transpose)
 
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
@@ -201,13 +267,39 @@ class Searcher:
         if rerank not in RERANK_MODES:
             raise ValueError(f"rerank must be one of {RERANK_MODES}, got {rerank!r}")
         text_features = self.encode_text([text.strip()])
-        query = F.normalize(text_features["global"].float(), dim=-1)[0].numpy()
         allowed = self._allowed_ids(SearchFilters.from_value(filters))
         pool = k if rerank == "none" else max(k, candidates)
-        ids, scores = self._stage_one(query, pool, allowed)
+        if rerank.startswith("two-stage") or self.scoring == "global":
+            # Stage 1 of two-stage is the global cosine by definition (as in the evaluator).
+            query = F.normalize(text_features["global"].float(), dim=-1)[0].numpy()
+            ids, scores = self._stage_one(query, pool, allowed)
+        else:
+            ids, scores = self._method_top(text_features, pool, allowed)
         if rerank != "none" and len(ids):
             ids, scores = self._rerank(text_features, ids, scores, rerank, rvn_neighbours)
         return self._hits(ids[:k], scores[:k])
+
+    def _score_tile(self) -> int:
+        """Images per tile of exhaustive scoring: ``score_tile_bytes`` of float32 features."""
+        per_image = 4 * int(np.prod(self.index.vectors.shape[1:]))
+        per_image += sum(4 * int(np.prod(values.shape[1:])) for values in self.index.local.values())
+        return max(1, self.score_tile_bytes // max(1, per_image))
+
+    @torch.no_grad()
+    def _method_top(self, text_features: Mapping[str, torch.Tensor], count: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``count`` (ids, scores) of one query by the method's own :meth:`similarity`,
+        scoring every allowed image tile by tile. Ties keep gallery order (stable, as ``rank``)."""
+        ids = np.arange(len(self.index), dtype=np.int64) if allowed is None else allowed
+        best_ids, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        tile = self._score_tile()
+        for start in range(0, len(ids), tile):
+            chunk = ids[start : start + tile]
+            scores = self.method.similarity(text_features, self.index.image_features(chunk))[0].float().cpu().numpy()
+            merged_ids = np.concatenate([best_ids, chunk])
+            merged_scores = np.concatenate([best_scores, scores.astype(np.float32)])
+            order = np.lexsort((merged_ids, -merged_scores))[:count]  # by score, then by id
+            best_ids, best_scores = merged_ids[order], merged_scores[order]
+        return best_ids, best_scores
 
     def rescore_candidates(self, text_features: Mapping[str, torch.Tensor], ids: np.ndarray, coarse: np.ndarray, rerank: str, rvn_neighbours: int = 10) -> np.ndarray:
         """Scores [n] of the candidates ``ids`` (stage-1 order) after two-stage and / or RVN."""
@@ -235,7 +327,7 @@ class Searcher:
     def search_by_image(self, image: str | os.PathLike | Image.Image, k: int = 10, *, filters: SearchFilters | Mapping[str, Any] | None = None) -> list[Hit]:
         """"More like this person": nearest images to a picture by the same image encoder."""
         _check_k(k)
-        picture = image if isinstance(image, Image.Image) else load_image(image)
+        picture = image if isinstance(image, Image.Image) else decode_image(image, max_pixels=self.max_pixels)
         vector = F.normalize(self.encode_image(picture)["global"].float(), dim=-1)[0].numpy()
         return self.search_by_vector(vector, k, filters=filters)
 
@@ -283,7 +375,7 @@ class Searcher:
             raise ValueError("the query text is empty")
         image_id = hit.id if isinstance(hit, Hit) else int(hit)
         self._check_id(image_id)
-        picture = load_image(self.index.metadata[image_id]["path"])
+        picture = self.load_image(image_id)
         own = self.method.explain(self.transform(picture), text.strip())
         if own is not None:
             return self._method_explanation(picture, text.strip(), *own)

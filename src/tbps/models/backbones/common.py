@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,7 +31,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only=True: a weights file is a pickle, and a full unpickler runs the code it names.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"weights file {str(path)!r} was refused: its pickle needs Python objects other than tensors and "
+            f"plain data ({first}); tbps reads weights with weights_only=True because unpickling such objects "
+            "can run arbitrary code (convert the file to a plain state dict or .safetensors)"
+        ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

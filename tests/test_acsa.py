@@ -395,11 +395,33 @@ def test_forward_returns_the_weighted_losses_of_eq_17(acsa, batch):
     match = (labels[:, None] == labels[None, :]).float()
     q = match / match.sum(dim=1, keepdim=True)
 
-    def kl(scores):
-        p = (10.0 * scores).softmax(dim=1)
+    def kl(scores, scale=20.0):  # losses.acsa_scale, 20 by default
+        p = (scale * scores).softmax(dim=1)
         return (p * (p.log() - (q + 1e-8).log())).sum(dim=1).mean()
 
+    assert acsa.acsa_scale == 20.0
     assert torch.allclose(losses["acsa"], 0.1 * (kl(s_i2t) + kl(s_t2i.t())), atol=1e-5)
+
+
+def test_acsa_scale_option_sets_the_loss_softmax_scale(batch, monkeypatch):
+    import tbps.methods.acsa as acsa_module
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["scale"])
+        return similarity_kl_alignment(*args, **kwargs)
+
+    monkeypatch.setattr(acsa_module, "similarity_kl_alignment", spy)
+    method = build(losses={"acsa_scale": 5.0})
+    method.eval()  # no dropout or drop-connect: the loss can be recomputed
+    with torch.no_grad():
+        losses = method(batch)
+        image, text = method.encode_image(batch["images"]), method.encode_text(batch["text"])
+        s_i2t, s_t2i = method.cross_scale_similarities(image, text)
+    assert method.acsa_scale == 5.0 and seen == [5.0]
+    expected = similarity_kl_alignment(s_i2t, batch["labels"], scale=5.0, similarity_t2i=s_t2i)
+    assert losses["acsa"].item() == pytest.approx(0.1 * expected.item(), rel=1e-5)
 
 
 def test_gradients_reach_image_parts_phrase_encoder_and_projections(batch):

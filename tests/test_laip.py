@@ -120,6 +120,17 @@ def test_configs_load_with_paper_settings(dataset):
     else:
         assert model.image_backbone.name == "vit_b_16" and model.text_layers == 6 and model.embed_dim == 256
         assert (model.local_losses_start_epoch, config.trainer.max_epochs) == (30, 45)  # 30 + 15 epochs
+    # Stage 2 restarts warm-up + cosine at its first epoch (App. E2), following the stage start.
+    assert list(config.optim.restart_epochs) == [model.local_losses_start_epoch]
+
+
+def test_stage_two_restart_follows_command_line_overrides():
+    from tbps.config import load_config, to_container
+
+    moved = to_container(load_config("laip/synthetic", ["model.local_losses_start_epoch=3"]))
+    assert moved["optim"]["restart_epochs"] == [3]  # resolved into the saved config and checkpoints
+    assert to_container(load_config("laip/synthetic", ["optim.restart_epochs=[5]"]))["optim"]["restart_epochs"] == [5]
+    assert to_container(load_config("laip/synthetic", ["optim.restart_epochs=[]"]))["optim"]["restart_epochs"] == []
 
 
 # ------------------------------------------------------------------------------ encoders and fusion
@@ -384,18 +395,67 @@ def _losses(laip, batch, epoch=None, seed=0):
 
 def test_two_stage_schedule_and_loss_names(fresh_state, batch, processor):
     laip = fresh_state.train()
-    assert set(_losses(laip, batch)) == {"itc", "itm", "triplet"}  # stage 1 (epoch 0)
+    # Stage 1 is ITC + ITM only (Sec. III-A), whatever the other weights say.
+    assert set(_losses(laip, batch)) == {"itc", "itm"}  # epoch 0
     laip.set_epoch(1)
-    assert set(_losses(laip, batch)) == {"itc", "itm", "triplet"}
-    laip.set_epoch(2)  # local_losses_start_epoch
+    assert set(_losses(laip, batch)) == {"itc", "itm"}
+    laip.set_epoch(2)  # local_losses_start_epoch: stage 2, all losses of eq. 12
     losses = _losses(laip, batch)
     assert set(losses) == {"itc", "itm", "triplet", "mpm", "bidiratt"}
     assert all(torch.isfinite(v) and v.requires_grad for v in losses.values())
     assert int(laip.current_epoch) == 2 and "current_epoch" in laip.state_dict()
-    assert set(_losses(laip, batch, epoch=0)) == {"itc", "itm", "triplet"}  # an explicit batch epoch wins
+    assert set(_losses(laip, batch, epoch=0)) == {"itc", "itm"}  # an explicit batch epoch wins
 
     laip.loss_weights.update(triplet=0.0, mpm=0.0, bidiratt=0.0)  # ITC + ITM baseline
     assert set(_losses(laip, batch)) == {"itc", "itm"}
+    laip.loss_weights.update(itm=0.0, triplet=1.0)  # the triplet alone still needs the fusion pass in stage 2
+    assert set(_losses(laip, batch)) == {"itc", "triplet"}
+    assert set(_losses(laip, batch, epoch=1)) == {"itc"}
+
+
+def test_local_losses_sum_over_a_captions_phrases_and_average_over_captions(fresh_state, batch):
+    """Eq. 12: each caption adds the sum of its phrases' MPM and BidirAtt losses, the batch loss is
+    the mean over captions (a caption without a usable phrase adds 0). Checked against a literal
+    loop: each pair through the fusion alone for MPM (eq. 11, the masked word's pieces averaged),
+    each row and column of eq. 10's similarity for BidirAtt."""
+    laip = fresh_state.eval()  # no dropout: batched and per-pair passes see the same model
+    text = dict(batch["text"])
+    text["phrase_valid"] = text["phrase_valid"].clone()
+    text["phrase_valid"][1] = False  # caption 1: no phrase
+    ids = batch["labels"]
+    with torch.no_grad():
+        image_tokens = laip.encode_image(batch["images"])["tokens"]
+    losses = laip.local_losses(text, image_tokens, ids)
+    captions, slots = text["phrase_valid"].nonzero(as_tuple=True)
+    num_captions, num_pairs = len(CAPTIONS), captions.numel()
+    assert num_pairs >= 5 and 1 not in captions.tolist()  # several phrases per caption
+
+    mpm = torch.zeros(num_captions, dtype=torch.float64)
+    with torch.no_grad():
+        for c, slot in zip(captions.tolist(), slots.tolist()):
+            stream = laip.phrase_attention(
+                text["phrase_masked_ids"][c, slot][None], text["phrase_attention_mask"][c, slot][None],
+                text["phrase_mpm_labels"][c, slot][None], image_tokens[c][None], need_backward=False,
+            )
+            mpm[c] += F.cross_entropy(stream["mpm_logits"], stream["mpm_targets"]).item()
+    assert losses["mpm"].item() == pytest.approx(mpm.mean().item(), rel=1e-4)
+
+    stream = laip.phrase_attention(
+        text["phrase_masked_ids"][captions, slots], text["phrase_attention_mask"][captions, slots],
+        text["phrase_mpm_labels"][captions, slots], image_tokens[captions], need_backward=True,
+    )
+    similarity, groups = laip.phrase_image_similarity(stream, image_tokens[captions], text, captions, slots, ids)
+    logits = (similarity / laip.temperature).detach().double()
+    bidiratt = torch.zeros(num_captions, dtype=torch.float64)
+    for pair in range(num_pairs):
+        targets = (groups == groups[pair]).double()
+        targets = targets / targets.sum()
+        image_to_phrase = -(targets * logits[pair].log_softmax(0)).sum()
+        phrase_to_image = -(targets * logits[:, pair].log_softmax(0)).sum()
+        bidiratt[captions[pair]] += (image_to_phrase + phrase_to_image) / 2
+    assert losses["bidiratt"].item() == pytest.approx(bidiratt.mean().item(), rel=1e-4)
+    # The mean over pairs would be num_pairs / num_captions times smaller.
+    assert losses["bidiratt"].item() > 1.2 * bidiratt.sum().item() / num_pairs
 
 
 def test_whole_sentence_mlm_ablation(fresh_state, batch):

@@ -18,7 +18,7 @@ al., NeurIPS 2021), which LAIP extends. Equation numbers below are the paper's.
    identity-aware targets (every same-id pair is positive, eq. 17 with person ids); ITM on the
    fusion [CLS] with one hard negative image per text and one hard negative text per image,
    sampled in proportion to the ITC similarity, never of the same identity (eqs. 18-19); the
-   fusion triplet loss on the ITM positive probability, margin 0.6 (eq. 20).
+   fusion triplet loss on the ITM positive probability, margin 0.6 (eq. 20), in stage 2 only.
 4. **Image-phrase stream** (Sec. II-B): noun phrases from the shared extractor, each phrase fed
    with its image as its own pair through the same encoders.
 
@@ -36,10 +36,15 @@ al., NeurIPS 2021), which LAIP extends. Equation numbers below are the paper's.
      vector ``v_bar = sum_j w_j v_j`` (eq. 8); coarse similarity = cosine of the projected
      ``v_bar`` and phrase [CLS] (eq. 9); the loss is contrastive over the image-phrase pairs of
      the batch like ITC (eq. 10).
-5. **Training** (Sec. II-C, App. E): two stages: global losses only until epoch
-   ``local_losses_start_epoch``, then all (eq. 12). AdamW with cosine decay and warm-up is the
-   engine's. The current epoch reaches the method through :meth:`LAIP.set_epoch` (or a batch
-   key ``"epoch"``), and lives in a buffer so a resumed run keeps its stage.
+   * Eq. 12 sums both over a caption's phrases; the batch loss is the mean over captions of
+     those sums (:meth:`LAIP.local_losses`), not the mean over image-phrase pairs.
+5. **Training** (Sec. III-A, App. E2): two stages. Stage 1, until epoch
+   ``local_losses_start_epoch``: ITC + ITM only; stage 2: all losses of eq. 12 (+ fusion triplet,
+   BidirAtt, MPM). "In both stages" AdamW with cosine decay and a warm-up: each stage has its own,
+   the engine's schedule restarting at ``optim.restart_epochs`` (the configs set it to
+   ``${model.local_losses_start_epoch}``). The current epoch reaches the method through
+   :meth:`LAIP.set_epoch` (or a batch key ``"epoch"``), and lives in a buffer so a resumed run
+   keeps its stage.
 6. **Inference** (App. D): ``similarity`` is the ITC cosine over the whole gallery;
    :meth:`LAIP.score_candidates` re-scores candidates with the ITM head (log-odds of "match"),
    batched over pairs. The paper's inference is the evaluator's ``rerank: two-stage`` with
@@ -647,7 +652,10 @@ class LAIP(PersonSearchMethod):
         """Tell the method the training epoch (two-stage schedule, Sec. III-A)."""
         self.current_epoch.fill_(int(epoch))
 
-    def local_losses_active(self, epoch: int | None = None) -> bool:
+    def stage_two_active(self, epoch: int | None = None) -> bool:
+        """Stage 2 (all losses of eq. 12) from ``local_losses_start_epoch`` on; stage 1 is ITC +
+        ITM only (Sec. III-A: "During the first stage, it is trained ... with only [ITC] and [ITM]
+        losses. In the second stage ... with all losses")."""
         epoch = int(self.current_epoch) if epoch is None else int(epoch)
         return epoch >= self.local_losses_start_epoch
 
@@ -794,9 +802,17 @@ class LAIP(PersonSearchMethod):
         return self.itm_head(fused[:, 0])
 
     def itm_and_triplet_losses(
-        self, text_hidden: Tensor, text_mask: Tensor, image_tokens: Tensor, logits_i2t: Tensor, logits_t2i: Tensor, ids: Tensor
+        self,
+        text_hidden: Tensor,
+        text_mask: Tensor,
+        image_tokens: Tensor,
+        logits_i2t: Tensor,
+        logits_t2i: Tensor,
+        ids: Tensor,
+        triplet: bool = True,
     ) -> dict[str, Tensor]:
-        """ITM with hard negatives (eq. 19) and the fusion triplet (eq. 20), in one fusion pass."""
+        """ITM with hard negatives (eq. 19) and, when ``triplet`` (stage 2), the fusion triplet
+        (eq. 20), in one fusion pass."""
         batch = image_tokens.shape[0]
         negative_image, image_valid = sample_hard_negatives(logits_t2i, ids, ids)  # per text
         negative_text, text_valid = sample_hard_negatives(logits_i2t, ids, ids)  # per image
@@ -810,7 +826,7 @@ class LAIP(PersonSearchMethod):
         losses: dict[str, Tensor] = {}
         if self.loss_weights["itm"]:
             losses["itm"] = self.loss_weights["itm"] * F.cross_entropy(logits[keep].float(), targets[keep])
-        if self.loss_weights["triplet"]:
+        if triplet and self.loss_weights["triplet"]:
             match = logits.float().softmax(dim=1)[:, 1]  # s^f, the ITM positive score
             positive, with_negative_image, with_negative_text = match[:batch], match[batch : 2 * batch], match[2 * batch :]
             losses["triplet"] = self.loss_weights["triplet"] * (
@@ -860,11 +876,19 @@ class LAIP(PersonSearchMethod):
         return result
 
     def local_losses(self, text: Mapping[str, Tensor], image_tokens: Tensor, ids: Tensor) -> dict[str, Tensor]:
-        """MPM (eq. 11) and BidirAtt (eqs. 7-10) over every (phrase, its image) pair of the batch."""
+        """MPM (eq. 11) and BidirAtt (eqs. 7-10) over every (phrase, its image) pair of the batch.
+
+        Eq. 12 adds ``sum_{p in P(T)} (L_bidiratt(I, p) + L_mpm(I, p))`` to each (image, caption)
+        pair's loss: summed over the caption's phrases, then averaged over the batch's captions
+        like the global losses, i.e. ``sum over all pairs / captions`` (a caption without a
+        usable phrase adds an empty sum). Not the mean over pairs, which would weigh the local
+        losses as if every caption had one phrase.
+        """
         captions, slots = text["phrase_valid"].nonzero(as_tuple=True)
         losses: dict[str, Tensor] = {}
         if captions.numel() == 0:
             return losses
+        num_captions = ids.shape[0]
         want_mpm = self.masked_modeling == "mpm" and self.loss_weights["mpm"] > 0
         want_bidiratt = self.loss_weights["bidiratt"] > 0
         need_backward = want_bidiratt and self.attention_mode != "forward"
@@ -875,25 +899,50 @@ class LAIP(PersonSearchMethod):
             pair_tokens, need_backward,
         )
         if want_mpm:
-            losses["mpm"] = self.loss_weights["mpm"] * F.cross_entropy(stream["mpm_logits"], stream["mpm_targets"])
+            losses["mpm"] = self.loss_weights["mpm"] * self.mpm_pair_losses(stream, captions.numel()).sum() / num_captions
         if want_bidiratt:
-            weights = combine_attention(stream["forward"], stream.get("backward"), self.attention_mode)  # eq. 7
-            guided = torch.einsum("pn,pnc->pc", weights, pair_tokens[:, 1:])  # eq. 8: v_bar
-            # The phrase's own vector comes from the unmasked phrase: with its key word masked it
-            # would not describe what the image region should match.
-            phrase_tokens = self._text_tokens(text["phrase_input_ids"][captions, slots], phrase_mask)
-            phrase_vector = pool_tokens(phrase_tokens, phrase_mask, self.text_pooling)
-            image_side = F.normalize(self.image_projection(guided), dim=-1)
-            phrase_side = F.normalize(self.text_projection(phrase_vector), dim=-1)
-            similarity = image_side @ phrase_side.t()  # eq. 9 for every pair of the batch
-            # Positives: the same phrase text of the same person (the pair itself, and repeats
-            # of it from other captions of that person); everything else is a negative (eq. 10).
-            keys = torch.stack([ids[captions], text["phrase_keys"][captions, slots]], dim=1)
-            groups = torch.unique(keys, dim=0, return_inverse=True)[1]
-            losses["bidiratt"] = self.loss_weights["bidiratt"] * identity_aware_contrastive_loss(
-                similarity, groups, groups, temperature=self.temperature
-            )
+            similarity, groups = self.phrase_image_similarity(stream, pair_tokens, text, captions, slots, ids)
+            # identity_aware_contrastive_loss is the mean over the pairs of each pair's eq. 10
+            # (both directions averaged): times the pair count, the sum over pairs.
+            pair_mean = identity_aware_contrastive_loss(similarity, groups, groups, temperature=self.temperature)
+            losses["bidiratt"] = self.loss_weights["bidiratt"] * pair_mean * captions.numel() / num_captions
         return losses
+
+    @staticmethod
+    def mpm_pair_losses(stream: Mapping[str, Tensor], num_pairs: int) -> Tensor:
+        """Eq. 11 per image-phrase pair, ``[num_pairs]``: the cross-entropy of the masked word,
+        averaged over its word pieces (one word is masked; a word cut into three pieces is one
+        prediction, as for the prediction score of eq. 5, not three)."""
+        entropy = F.cross_entropy(stream["mpm_logits"], stream["mpm_targets"], reduction="none")
+        rows = stream["mpm_rows"]
+        pieces = entropy.new_zeros(num_pairs).index_add_(0, rows, torch.ones_like(entropy))
+        return entropy.new_zeros(num_pairs).index_add_(0, rows, entropy) / pieces.clamp(min=1)
+
+    def phrase_image_similarity(
+        self,
+        stream: Mapping[str, Tensor],
+        pair_tokens: Tensor,
+        text: Mapping[str, Tensor],
+        captions: Tensor,
+        slots: Tensor,
+        ids: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Eq. 9 between every phrase-guided image vector and every phrase of the batch's pairs,
+        ``[P, P]``, and each pair's positive group ``[P]`` for eq. 10's targets."""
+        weights = combine_attention(stream["forward"], stream.get("backward"), self.attention_mode)  # eq. 7
+        guided = torch.einsum("pn,pnc->pc", weights, pair_tokens[:, 1:])  # eq. 8: v_bar
+        # The phrase's own vector comes from the unmasked phrase: with its key word masked it
+        # would not describe what the image region should match.
+        phrase_mask = text["phrase_attention_mask"][captions, slots]
+        phrase_tokens = self._text_tokens(text["phrase_input_ids"][captions, slots], phrase_mask)
+        phrase_vector = pool_tokens(phrase_tokens, phrase_mask, self.text_pooling)
+        image_side = F.normalize(self.image_projection(guided), dim=-1)
+        phrase_side = F.normalize(self.text_projection(phrase_vector), dim=-1)
+        # Positives: the same phrase text of the same person (the pair itself, and repeats of it
+        # from other captions of that person); everything else is a negative (eq. 10).
+        keys = torch.stack([ids[captions], text["phrase_keys"][captions, slots]], dim=1)
+        groups = torch.unique(keys, dim=0, return_inverse=True)[1]
+        return image_side @ phrase_side.t(), groups
 
     def sentence_mlm_loss(self, text: Mapping[str, Tensor], image_tokens: Tensor) -> Tensor:
         """Whole-sentence MLM (Table V ablation): masked caption + its image through the fusion."""
@@ -907,7 +956,7 @@ class LAIP(PersonSearchMethod):
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         text, ids = batch["text"], batch["labels"]
         epoch = batch.get("epoch")
-        local_on = self.local_losses_active(None if epoch is None else int(epoch))
+        stage_two = self.stage_two_active(None if epoch is None else int(epoch))
         image_tokens = self._image_tokens(batch["images"], self.image_backbone, self.image_token_norm)
         text_hidden = self._text_tokens(text["input_ids"], text["attention_mask"])
         image_features = F.normalize(self.image_projection(image_tokens[:, 0]), dim=-1)
@@ -921,11 +970,15 @@ class LAIP(PersonSearchMethod):
         itc, logits_i2t, logits_t2i = self.itc_loss(image_features, text_features, image_momentum, text_momentum, ids)
         if self.loss_weights["itc"]:
             losses["itc"] = self.loss_weights["itc"] * itc
-        if self.loss_weights["itm"] or self.loss_weights["triplet"]:
-            losses.update(self.itm_and_triplet_losses(text_hidden, text["attention_mask"], image_tokens, logits_i2t, logits_t2i, ids))
-        if local_on and "phrase_valid" in text:
+        # Stage 1: ITC + ITM; stage 2 adds the fusion triplet and the local losses (Sec. III-A).
+        triplet = stage_two and self.loss_weights["triplet"] > 0
+        if self.loss_weights["itm"] or triplet:
+            losses.update(self.itm_and_triplet_losses(
+                text_hidden, text["attention_mask"], image_tokens, logits_i2t, logits_t2i, ids, triplet=triplet
+            ))
+        if stage_two and "phrase_valid" in text:
             losses.update(self.local_losses(text, image_tokens, ids))
-        if local_on and self.masked_modeling == "mlm" and self.loss_weights["mpm"] and "caption_mlm_labels" in text:
+        if stage_two and self.masked_modeling == "mlm" and self.loss_weights["mpm"] and "caption_mlm_labels" in text:
             losses["mlm"] = self.loss_weights["mpm"] * self.sentence_mlm_loss(text, image_tokens)
 
         # Every process's momentum features enter the queue (ALBEF's concat_all_gather).

@@ -602,9 +602,19 @@ def test_attention_defaults_and_options_reach_the_module(nafs, batch):
         build(attention={"lambda_scaling": "per-key"})
 
 
-def test_test_similarity_local_needs_local_features():
+def test_test_similarity_local_needs_local_features(nafs):
     with pytest.raises(ValueError, match="test_similarity=local"):
         build(scales="global", test_similarity="local")
+    # Set on a built model (how a checkpoint is scored both ways) it is checked the same way.
+    with pytest.raises(ValueError, match="test_similarity must be one of"):
+        nafs.test_similarity = "eq5"
+    saved, nafs.has_local = nafs.has_local, False
+    try:
+        with pytest.raises(ValueError, match="test_similarity=local"):
+            nafs.test_similarity = "local"
+    finally:
+        nafs.has_local = saved
+    assert nafs.test_similarity == "global+local"
 
 
 def test_attention_selectivity_reports_both_directions(nafs, batch):

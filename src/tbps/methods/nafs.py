@@ -503,7 +503,7 @@ class NAFS(PersonSearchMethod):
         self.max_sub_sentences = int(option(config, "max_sub_sentences", 8))
         self.scales = str(option(config, "scales", "full"))
         self.alignment = str(option(config, "alignment", "joint"))
-        self.test_similarity = str(option(config, "test_similarity", "global+local"))
+        test_similarity = str(option(config, "test_similarity", "global+local"))
         self.image_pooling = str(option(config, "image_pooling", "avg"))
         self.region_stripes = int(option(config, "region_stripes", 2))  # n1
         self.patch_stripes = int(option(config, "patch_stripes", 3))  # n2
@@ -513,8 +513,6 @@ class NAFS(PersonSearchMethod):
             raise ValueError(f"model.scales must be one of {SCALES}, got {self.scales!r}")
         if self.alignment not in ALIGNMENTS:
             raise ValueError(f"model.alignment must be one of {ALIGNMENTS}, got {self.alignment!r}")
-        if self.test_similarity not in TEST_SIMILARITIES:
-            raise ValueError(f"model.test_similarity must be one of {TEST_SIMILARITIES}, got {self.test_similarity!r}")
         self.use_mid = self.scales == "full"  # regions and sub-sentences (scale 2)
         self.use_fine = self.scales in ("full", "global+finest")  # patches and words (scale 3)
         # Table 2 "Global": the contextual non-local attention needs several features per side,
@@ -524,13 +522,7 @@ class NAFS(PersonSearchMethod):
         lambda_scaling = str(option(attention, "lambda_scaling", "counts"))  # checked before any backbone is built
         if lambda_scaling not in LAMBDA_SCALINGS:
             raise ValueError(f"model.attention.lambda_scaling must be one of {LAMBDA_SCALINGS}, got {lambda_scaling!r}")
-        if self.test_similarity == "local" and not self.has_local:
-            # global+local falls back to the global cosine there (nothing local to add); a
-            # local-only score has nothing to fall back to.
-            raise ValueError(
-                f"model.test_similarity=local needs the non-local score, which scales={self.scales!r} / "
-                f"alignment={self.alignment!r} does not compute; use global or global+local"
-            )
+        self.test_similarity = test_similarity  # checked by the setter
 
         loss_weights = option(config, "losses", {}) or {}
         # Eq. 7: lambda_2 L_CMPM + lambda_3 L_CMPC + lambda_4 L_CSAL with (1, 1, 0.1).
@@ -595,6 +587,28 @@ class NAFS(PersonSearchMethod):
         num_scales = 1 + int(self.use_mid) + int(self.use_fine)
         global_dim = self.embed_dim * (num_scales if self.alignment == "concat" else 1)
         self.cmpc = CMPCLoss(global_dim, max(self.num_classes, 1))
+
+    @property
+    def test_similarity(self) -> str:
+        """How :meth:`similarity` and :meth:`score_candidates` score (module docstring, item 5).
+
+        Settable on a trained model (it does not change the features), e.g.
+        ``method.test_similarity = "local"`` to rank a checkpoint by the non-local score alone.
+        """
+        return self._test_similarity
+
+    @test_similarity.setter
+    def test_similarity(self, value: str) -> None:
+        if value not in TEST_SIMILARITIES:
+            raise ValueError(f"model.test_similarity must be one of {TEST_SIMILARITIES}, got {value!r}")
+        if value == "local" and not self.has_local:
+            # global+local falls back to the global cosine there (nothing local to add); a
+            # local-only score has nothing to fall back to.
+            raise ValueError(
+                f"model.test_similarity=local needs the non-local score, which scales={self.scales!r} / "
+                f"alignment={self.alignment!r} does not compute; use global or global+local"
+            )
+        self._test_similarity = value
 
     # ------------------------------------------------------------------ 1. image features
     def encode_image(self, images: Tensor) -> Features:

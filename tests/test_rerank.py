@@ -33,7 +33,7 @@ def stable_order(row: np.ndarray) -> np.ndarray:
 
 
 def reference_rvn(text_sim: np.ndarray, image_sim: np.ndarray, size: int) -> np.ndarray:
-    """Double loop over (text, image) with Python sets, straight from the definition."""
+    """Double loop over (text, image) with Python sets, straight from the definition (7), (8)."""
     num_texts, num_images = text_sim.shape
     image_neighbours = []
     for i in range(num_images):
@@ -42,10 +42,12 @@ def reference_rvn(text_sim: np.ndarray, image_sim: np.ndarray, size: int) -> np.
     out = np.empty_like(text_sim, dtype=np.float64)
     for t in range(num_texts):
         text_neighbours = set(stable_order(text_sim[t])[:size].tolist())
+        low, high = min(text_sim[t]), max(text_sim[t])
         for i in range(num_images):
             inter = len(text_neighbours & image_neighbours[i])
             union = len(text_neighbours | image_neighbours[i])
-            out[t, i] = 0.5 * (text_sim[t, i] + inter / union)
+            normalised = (text_sim[t, i] - low) / (high - low) if high > low else 0.0  # (8)
+            out[t, i] = 0.5 * (normalised + inter / union)
     return out
 
 
@@ -62,14 +64,15 @@ def test_stable_top_matches_stable_sort(count: int) -> None:
 
 
 def test_rvn_hand_example() -> None:
-    # Text 0: Jaccard with images = [2/2, 2/2, 0, 0] -> S' = 0.5 * ([.9, .8, .2, .1] + [1, 1, 0, 0]).
-    # Text 1: Jaccard = [0, 0, 1, 1]                 -> S' = 0.5 * ([.2, .1, .6, .5] + [0, 0, 1, 1]).
+    # Each row is min-max normalised first (8): [.9, .8, .2, .1] -> [1, 7/8, 1/8, 0], etc.
+    # Text 0: Jaccard with images = [2/2, 2/2, 0, 0] -> S' = 0.5 * ([1, 7/8, 1/8, 0] + [1, 1, 0, 0]).
+    # Text 1: Jaccard = [0, 0, 1, 1]                 -> S' = 0.5 * ([.2, 0, 1, .8] + [0, 0, 1, 1]).
     # Text 2: {2, 0} meets every N_i2i in one image, union 3 -> Jaccard 1/3 everywhere.
     expected = torch.tensor(
         [
-            [0.95, 0.90, 0.10, 0.05],
-            [0.10, 0.05, 0.80, 0.75],
-            [0.5 * (0.3 + 1 / 3), 0.5 * (0.1 + 1 / 3), 0.5 * (0.7 + 1 / 3), 0.5 * (0.2 + 1 / 3)],
+            [1.0, 15 / 16, 1 / 16, 0.0],
+            [0.1, 0.0, 1.0, 0.9],
+            [0.5 * (1 / 3 + 1 / 3), 0.5 * (0 + 1 / 3), 0.5 * (1 + 1 / 3), 0.5 * (1 / 6 + 1 / 3)],
         ]
     )
     out = rvn_rerank(TEXT_SIM, IMAGE_SIM, neighbours=2)
@@ -88,10 +91,10 @@ def test_rvn_counts_image_as_its_own_neighbour() -> None:
             [0.0, 0.2, 0.3, 0.0],
         ]
     )
-    text_sim = torch.tensor([[0.9, 0.8, 0.2, 0.1]])  # N_t2i = {0, 1}
-    # Jaccard = [1, 1, 1/3, 0] -> S' = [0.95, 0.9, 0.1 + 1/6, 0.05].
+    text_sim = torch.tensor([[0.9, 0.8, 0.2, 0.1]])  # N_t2i = {0, 1}; normalised [1, 7/8, 1/8, 0]
+    # Jaccard = [1, 1, 1/3, 0] -> S' = [1, 15/16, 1/16 + 1/6, 0].
     out = rvn_rerank(text_sim, image_sim, neighbours=2)
-    torch.testing.assert_close(out, torch.tensor([[0.95, 0.90, 0.1 + 1 / 6, 0.05]]))
+    torch.testing.assert_close(out, torch.tensor([[1.0, 15 / 16, 1 / 16 + 1 / 6, 0.0]]))
 
 
 @pytest.mark.parametrize("neighbours,chunk_size", [(1, 4), (4, 5), (6, 100), (50, 3)])
@@ -116,10 +119,48 @@ def test_rvn_rerank_top_rescores_only_candidates() -> None:
     for t in range(9):
         candidates = stable_order(text_sim[t].numpy())[:4]
         rest = stable_order(text_sim[t].numpy())[4:]
-        np.testing.assert_allclose(partial[t, candidates].numpy(), full[t, candidates].numpy())
+        # The same Jaccard term; the scores are normalised (8) over the candidates only.
+        scores = text_sim[t, candidates]
+        jaccard = 2 * full[t, candidates] - (text_sim[t, candidates] - text_sim[t].min()) / (text_sim[t].max() - text_sim[t].min())
+        expected = 0.5 * ((scores - scores.min()) / (scores.max() - scores.min()) + jaccard)
+        np.testing.assert_allclose(partial[t, candidates].numpy(), expected.numpy(), atol=1e-6)
         assert partial[t, candidates].min() > partial[t, rest].max()
-        expected_order = np.concatenate([candidates[stable_order(full[t, candidates].numpy())], rest])
+        expected_order = np.concatenate([candidates[stable_order(expected.numpy())], rest])
         np.testing.assert_array_equal(stable_order(partial[t].numpy()), expected_order)
+
+
+@pytest.mark.parametrize("rerank_top", [None, 8])
+@pytest.mark.parametrize("scale,shift", [(100.0, -30.0), (0.01, 2.0), (7.0, 0.0)])
+def test_rvn_is_invariant_to_an_affine_rescaling_of_the_scores(rerank_top, scale: float, shift: float) -> None:
+    """S' depends on each query's scores only up to a * S + b (a > 0): cosine scores, NAFS's
+    global + local sums and ITM log-odds get the same re-ranking. Without the per-row
+    normalisation (8), x100 scores would drown the Jaccard term and x0.01 would let it decide alone."""
+    generator = torch.Generator().manual_seed(5)
+    # float64, so that the rescaling itself loses no precision (0.01 * S + 2 in float32 keeps ~4 digits)
+    features = torch.nn.functional.normalize(torch.randn(16, 6, generator=generator, dtype=torch.float64), dim=1)
+    image_sim = features @ features.t()
+    text_sim = torch.rand(11, 16, generator=generator, dtype=torch.float64) * 0.4 + 0.3
+    text_sim[3] = 0.5  # a constant row: normalised to 0, the Jaccard term decides
+    base = rvn_rerank(text_sim, image_sim, neighbours=4, rerank_top=rerank_top)
+    rescaled = rvn_rerank(text_sim * scale + shift, image_sim, neighbours=4, rerank_top=rerank_top)
+    orders = [[stable_order(m[t].numpy()).tolist() for t in range(11)] for m in (base, rescaled)]
+    assert orders[0] == orders[1]
+    if rerank_top is None:
+        torch.testing.assert_close(rescaled, base, atol=1e-9, rtol=0)
+    else:  # candidates carry S'; the others only keep their order below them
+        for t in range(11):
+            top = stable_order(text_sim[t].numpy())[:rerank_top]
+            torch.testing.assert_close(rescaled[t, top], base[t, top], atol=1e-9, rtol=0)
+    # The Jaccard term does change this ranking (so the test can tell a scale-dependent RVN apart).
+    plain = [stable_order(text_sim[t].numpy()).tolist() for t in range(11)]
+    assert plain != orders[0]
+
+
+def test_rvn_keeps_infinite_scores_out_of_the_normalisation() -> None:
+    text_sim = torch.tensor([[0.2, float("-inf"), 0.6, 0.4]])
+    out = rvn_rerank(text_sim, IMAGE_SIM, neighbours=2)
+    assert not torch.isnan(out).any() and out[0, 1] == float("-inf")
+    assert stable_order(out[0].numpy())[-1] == 1
 
 
 def test_rvn_validates_inputs() -> None:
@@ -226,3 +267,43 @@ def test_two_stage_equals_full_fine_scoring_on_kept_candidates() -> None:
     full = two_stage_similarity(coarse, _lookup(fine), 30)
     torch.testing.assert_close(full, fine)
     assert rank(full, caption_ids, image_ids) == rank(fine, caption_ids, image_ids)
+
+
+# --------------------------------------------------------------------------- evaluator: image-to-text
+
+
+def test_image_to_text_ranks_the_plain_similarity_whatever_the_rerank(tmp_path) -> None:
+    """RVN / two-stage scores are normalised and shifted per text row, so a column of them (what the
+    image-to-text direction ranks) mixes scales: i2t must come from the method's plain similarity."""
+    from PIL import Image
+
+    from tbps.config import load_config, to_container
+    from tbps.data.records import ImageRecord
+    from tbps.evaluation.evaluator import evaluate_split, score_features
+    from tbps.models.registry import create_method
+
+    torch.manual_seed(0)
+    model = to_container(load_config("baseline/synthetic", [
+        "model.embed_dim=16", "model.image_backbone.pretrained=false", "model.text_backbone.name=bilstm",
+        "model.text_backbone.min_count=1", "model.text_backbone.embedding_dim=8", "model.text_backbone.hidden_size=8",
+    ]))["model"]
+    method = create_method("baseline", model, num_classes=4, image_size=(64, 32))
+    colours = ["red", "blue", "green", "black"]
+    records = []
+    for i in range(12):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (32, 64), (40 * (i % 4), 17 * i, 200 - 15 * i)).save(path)
+        captions = (f"a person in {colours[i % 4]} number {i}", f"someone wearing {colours[(i + 1) % 4]}")
+        records.append(ImageRecord(image_path=path, person_id=i % 4, captions=captions, split="test"))
+    method.fit_text([c for r in records for c in r.captions])
+
+    plain = evaluate_split(method, records, (64, 32), batch_size=8, return_similarity=True, image_to_text=True)
+    expected = rank(plain["similarity"].t(), plain["gallery_ids"], plain["query_ids"])
+    for rerank in ("none", "rvn", "two-stage+rvn"):
+        result = evaluate_split(method, records, (64, 32), batch_size=8, rerank=rerank, top_k=5, rvn_neighbours=3,
+                                return_similarity=True, image_to_text=True)
+        for key in ("R1", "R5", "R10", "mAP", "mINP"):
+            assert result["i2t"][key] == pytest.approx(expected[key]), (rerank, key)
+    # Ranking the columns of the re-ranked matrix (what `tbps eval --i2t` used to do) gives other numbers.
+    reranked = rank(result["similarity"].t(), result["gallery_ids"], result["query_ids"])
+    assert any(reranked[key] != pytest.approx(expected[key]) for key in ("R1", "mAP", "mINP"))

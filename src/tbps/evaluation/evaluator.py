@@ -68,7 +68,12 @@ def score_features(
 
     ``none``: the method's own similarity; ``two-stage``: global cosine over the whole gallery,
     then :meth:`score_candidates` on the top-k; ``rvn``: reciprocal view-neighbour re-ranking
-    (NAFS, corrected form) on top of either.
+    (NAFS, corrected form, each query's scores min-max normalised first: (7), (8) in
+    :func:`rvn_rerank`) on top of either; after two-stage only the top-k candidates are re-scored,
+    so every non-candidate stays below them.
+
+    Re-ranked rows are per-query scores (shifted, normalised): compare them within a row only. The
+    image-to-text direction ranks a column across rows, so it must use ``rerank="none"``.
     """
     if rerank not in RERANK_MODES:
         raise ValueError(f"rerank must be one of {RERANK_MODES}, got {rerank!r}")
@@ -90,7 +95,10 @@ def score_features(
         similarity = torch.cat(rows)
     if rerank.endswith("rvn"):
         image_image = method.global_similarity(images, images)
-        similarity = rvn_rerank(similarity, image_image, neighbours=rvn_neighbours)
+        # After two-stage, RVN re-scores (and normalises over) the candidates only; min-max over a
+        # whole row would shrink the gap that keeps non-candidates below them.
+        rerank_top = top_k if rerank.startswith("two-stage") else None
+        similarity = rvn_rerank(similarity, image_image, neighbours=rvn_neighbours, rerank_top=rerank_top)
     return similarity.cpu()
 
 
@@ -135,8 +143,15 @@ def evaluate_split(
     device: torch.device | str = "cpu",
     progress: bool = False,
     return_similarity: bool = False,
+    image_to_text: bool = False,
 ) -> dict[str, Any]:
-    """Encode, score and rank one split; returns metrics, per-query results and the id lists."""
+    """Encode, score and rank one split; returns metrics, per-query results and the id lists.
+
+    ``image_to_text``: also rank every image's captions, as ``result["i2t"]`` (R@k, mAP, mINP).
+    That direction always ranks the method's plain similarity (``rerank="none"``), whatever
+    ``rerank`` is: two-stage and RVN scores are shifted and normalised per text query, so a column
+    of them mixes scales and cannot rank texts against each other.
+    """
     method.eval()
     gallery_loader, query_loader = eval_loaders(records, method, image_size, batch_size, num_workers)
     image_features = encode_image_batches(method, gallery_loader, device, progress)
@@ -151,4 +166,8 @@ def evaluate_split(
     result["gallery_ids"] = gallery_ids
     if return_similarity:
         result["similarity"] = similarity
+    if image_to_text:
+        plain = similarity if rerank == "none" else score_features(method, text_features, image_features, device=device)
+        i2t = rank(plain.t(), gallery_ids, query_ids, max_rank=10)
+        result["i2t"] = {key: i2t[key] for key in ("R1", "R5", "R10", "mAP", "mINP", "num_queries", "num_excluded")}
     return result

@@ -216,6 +216,10 @@ def rank_both(
 
     ``t2i`` is :func:`rank` as given; ``i2t`` ranks the transposed matrix, so every image is a query
     and the captions are its gallery.  ``query_ids`` are the caption ids, ``gallery_ids`` the image ids.
+
+    ``i2t`` compares scores of different rows, so ``similarity`` must be a plain similarity: the
+    output of two-stage or RVN re-ranking is shifted and normalised per text row (see
+    :func:`tbps.evaluation.evaluator.evaluate_split`'s ``image_to_text``).
     """
     sim = _as_similarity(similarity)
     options: dict[str, Any] = {"chunk_size": chunk_size, "return_per_query": return_per_query}

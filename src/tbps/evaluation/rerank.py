@@ -1,6 +1,7 @@
 """Generic re-ranking of text-to-image similarity matrices.
 
-* :func:`rvn_rerank` - reciprocal-view-neighbour re-ranking (NAFS, Gao et al. 2021), corrected.
+* :func:`rvn_rerank` - reciprocal-view-neighbour re-ranking (NAFS, Gao et al. 2021), corrected, with
+  each query's scores min-max normalised before the Jaccard term is added (scale-free).
 * :func:`two_stage_similarity` - coarse retrieval of the top-k candidates, then a fine scorer on them.
 
 Both return a new [num_texts x num_images] matrix to feed :func:`tbps.evaluation.rank`.  Every
@@ -64,9 +65,9 @@ def _place_candidates_first(
         out = coarse - max(coarse) + (min(fine) - margin),  margin = 2 + 0.01 * |min(fine)|
     with fine = ``candidate_scores``.  The shift is the same for the whole row, so non-candidates keep
     their coarse order and score gaps, and the largest of them is ``margin`` below the weakest
-    candidate.  margin > 1 exceeds the range of a Jaccard term, so a later RVN pass (7) cannot lift a
-    non-candidate above a candidate; its relative part keeps the gap representable for large fine
-    scores.  Offsets are computed in float64 and cast to the output dtype, so non-candidate order is
+    candidate; its relative part keeps the gap representable for large fine scores.  (A later RVN
+    pass must re-score the candidates only, ``rvn_rerank(..., rerank_top=k)``: min-max normalising
+    (8) a whole row would shrink this gap below the Jaccard term's range.)  Offsets are computed in float64 and cast to the output dtype, so non-candidate order is
     exact unless coarse gaps are finer than that dtype's resolution at the fine scores' magnitude.
     """
     out_dtype = torch.promote_types(coarse.dtype, candidate_scores.dtype)
@@ -85,6 +86,18 @@ def _place_candidates_first(
     return shifted.to(out_dtype)
 
 
+def _minmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """(8): each row rescaled to [0, 1] by its finite minimum and maximum; a constant row becomes 0,
+    infinite entries stay infinite (they take no part in the minimum and maximum)."""
+    finite = scores.isfinite()
+    low = torch.where(finite, scores, float("inf")).amin(dim=1, keepdim=True)
+    high = torch.where(finite, scores, float("-inf")).amax(dim=1, keepdim=True)
+    has_finite = finite.any(dim=1, keepdim=True)
+    low = torch.where(has_finite, low, 0.0)
+    span = torch.where(has_finite & (high > low), high - low, 1.0)
+    return (scores - low) / span
+
+
 def rvn_rerank(
     text_image_sim: torch.Tensor,
     image_image_sim: torch.Tensor,
@@ -100,7 +113,9 @@ def rvn_rerank(
 
     * (5) N_t2i(T) = the top-l images for T by ``text_image_sim``
     * (6) N_i2i(I) = the top-l images for I by ``image_image_sim`` (global image-image cosine)
-    * (7) S'(T, I) = 0.5 * (S(T, I) + |N_t2i(T) & N_i2i(I)| / |N_t2i(T) | N_i2i(I)|)
+    * (7) S'(T, I) = 0.5 * (S~(T, I) + |N_t2i(T) & N_i2i(I)| / |N_t2i(T) | N_i2i(I)|)
+    * (8) S~(T, I) = (S(T, I) - min_J S(T, J)) / (max_J S(T, J) - min_J S(T, J)), J over the images
+      being re-scored for T (every image; the top ``rerank_top`` when given); 0 on a constant row
 
     Both neighbourhoods are sets of *image* indices (the published code intersected text indices
     with image indices).  Image I always counts as its own neighbour: the diagonal of
@@ -108,13 +123,22 @@ def rvn_rerank(
     l is clipped to the number of images, so both sets have exactly l members and
     |union| = 2l - |intersection|.
 
+    (8) departs from the paper, which averages a cosine similarity with the Jaccard term: the scores
+    handed to RVN differ in scale by method (cosine in [-1, 1], NAFS's global + local sum, LAIP's
+    ITM log-odds), so the raw average would give the Jaccard term a different weight for every
+    method. Min-max per query row puts S~ in [0, 1], the Jaccard term's range, whatever the scale:
+    the 0.5 / 0.5 average means the same for every method, and S' is invariant to any rescaling
+    a * S + b (a > 0) of a query's scores. Infinite scores (masked pairs) stay infinite and are left
+    out of the min and max.
+
     The intersection equals M_t2i @ M_i2i^T for the binary membership matrices [T x I] and [I x I];
     it is computed as l row gathers of a uint8 M_i2i^T (one per slot of N_t2i), O(T * I * l) work
     instead of the O(T * I^2) dense product.  Memory: I^2 bytes plus O(chunk_size * I).
 
     ``rerank_top``: if given, only the top ``rerank_top`` images per text (by ``text_image_sim``) are
-    re-scored with (7); all others rank after them in their original order (offsets as in
-    :func:`two_stage_similarity`).  Returns a new float [T x I] matrix on the input's device.
+    re-scored with (7), normalised (8) among themselves; all others rank after them in their
+    original order (offsets as in :func:`two_stage_similarity`).  Returns a new float [T x I] matrix
+    on the input's device.
     """
     sim = _check_matrix("text_image_sim", text_image_sim)
     image_sim = _check_matrix("image_image_sim", image_image_sim)
@@ -162,10 +186,12 @@ def rvn_rerank(
             intersection += neighbour_of.index_select(0, text_neighbours[:, slot])
         intersection = intersection.to(block.dtype)
         jaccard = intersection / (2 * num_neighbours - intersection)
-        rescored = 0.5 * (block + jaccard)  # (7)
         if rerank_top is not None and rerank_top < num_images:
             candidates = _stable_top(block, rerank_top)
-            rescored = _place_candidates_first(block, candidates, torch.gather(rescored, 1, candidates))
+            rescored = 0.5 * (_minmax_rows(block.gather(1, candidates)) + jaccard.gather(1, candidates))  # (7), (8)
+            rescored = _place_candidates_first(block, candidates, rescored)
+        else:
+            rescored = 0.5 * (_minmax_rows(block) + jaccard)  # (7), (8)
         out[start : start + chunk_size] = rescored
     return out
 

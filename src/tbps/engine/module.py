@@ -1,10 +1,18 @@
 """The LightningModule wrapping any registered method: the science lives in the method, the
-plumbing (devices, precision, DDP, checkpointing, logging) in Lightning."""
+plumbing (devices, precision, DDP, checkpointing, logging) in Lightning.
+
+The learning-rate schedule (:class:`EpochSchedule`) is given in epochs and applied per
+optimisation step, for every ``optim.scheduler`` kind: ``optim.warmup_epochs`` of linear warm-up,
+then cosine (to ``min_lr_ratio``), multistep (``gamma`` at each of ``milestones``) or constant;
+``optim.restart_epochs`` starts warm-up and decay again at those epochs (LAIP's second stage).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -19,6 +27,135 @@ from tbps.models.base import concat_features
 from tbps.models.registry import create_method
 
 CHECKPOINT_FORMAT = 1
+log = logging.getLogger(__name__)
+
+
+SCHEDULERS = ("cosine", "multistep", "constant")
+
+
+class EpochSchedule:
+    """The learning-rate factor of every optimisation step, from a schedule given in epochs.
+
+    The run is cut into *segments* at ``restart_epochs`` (none: one segment, the whole run). Each
+    segment starts with a linear warm-up over ``warmup_epochs`` (factor ``(s + 1) / W`` at step
+    ``s`` of the segment), then follows ``kind``:
+
+    * ``cosine``: from 1 down to ``min_lr_ratio`` over the rest of the segment;
+    * ``multistep``: ``gamma ** n``, ``n`` = the ``milestones`` (epochs, counted from the start of
+      the run) passed since the segment began; during the warm-up the ramp multiplies it;
+    * ``constant``: 1.
+
+    A restart thus returns the lr to its initial value and runs warm-up + decay again over the
+    remaining epochs (LAIP's second stage, App. E2: "in both stages ... cosine learning rate
+    decay ... and a warmup"). A milestone at a restart epoch is superseded by the restart.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        steps_per_epoch: int,
+        max_epochs: int,
+        warmup_epochs: float = 0.0,
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        min_lr_ratio: float = 0.0,
+        restart_epochs: Sequence[int] = (),
+    ) -> None:
+        if kind not in SCHEDULERS:
+            raise ValueError(f"optim.scheduler must be one of {', '.join(SCHEDULERS)}, got {kind!r}")
+        if steps_per_epoch < 1 or max_epochs < 1:
+            raise ValueError(f"steps_per_epoch and max_epochs must be >= 1, got {steps_per_epoch} and {max_epochs}")
+        if float(warmup_epochs) < 0:
+            raise ValueError(f"optim.warmup_epochs must be >= 0, got {warmup_epochs}")
+        restarts = []
+        for epoch in restart_epochs or ():
+            if isinstance(epoch, bool) or not float(epoch).is_integer():
+                raise ValueError(f"optim.restart_epochs must hold whole epochs, got {epoch!r}")
+            if not 0 <= int(epoch) < max_epochs:
+                raise ValueError(
+                    f"optim.restart_epochs: epoch {int(epoch)} is outside the run's epochs 0..{max_epochs - 1} "
+                    f"(trainer.max_epochs = {max_epochs}); a restart there would never happen "
+                    "(for a run that ends before it, set optim.restart_epochs=[])"
+                )
+            restarts.append(int(epoch))
+        self.kind = kind
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.max_epochs = int(max_epochs)
+        self.warmup_steps = int(float(warmup_epochs) * steps_per_epoch)
+        self.milestones = sorted(int(m) for m in milestones or ())
+        self.gamma = float(gamma)
+        self.min_lr_ratio = float(min_lr_ratio)
+        # Restart at epoch 0 is the start of the run itself.
+        self.segment_epochs = sorted({0, *restarts})
+        boundaries = [epoch * steps_per_epoch for epoch in self.segment_epochs] + [max_epochs * steps_per_epoch]
+        self.segments = list(zip(boundaries[:-1], boundaries[1:], self.segment_epochs))
+        short = [epochs for epochs in zip(self.segment_epochs, self.segment_epochs[1:] + [max_epochs])
+                 if (epochs[1] - epochs[0]) * steps_per_epoch <= self.warmup_steps]
+        if short:
+            log.warning("a warm-up of %s epochs does not fit in the schedule's segment(s) %s: their lr never reaches its peak",
+                        warmup_epochs, ", ".join(f"[{a}, {b})" for a, b in short))
+
+    def segment(self, step: int) -> tuple[int, int, int]:
+        """``(first step, end step, first epoch)`` of the segment holding ``step``."""
+        for start, end, epoch in reversed(self.segments):
+            if step >= start:
+                return start, end, epoch
+        return self.segments[0]
+
+    def __call__(self, step: int) -> float:
+        start, end, first_epoch = self.segment(step)
+        local = step - start
+        ramp = (local + 1) / self.warmup_steps if local < self.warmup_steps else 1.0
+        if self.kind == "constant":
+            return ramp
+        if self.kind == "multistep":
+            passed = sum(1 for m in self.milestones if first_epoch < m and m * self.steps_per_epoch <= step)
+            return ramp * self.gamma**passed
+        if local < self.warmup_steps:
+            return ramp
+        progress = min(1.0, (local - self.warmup_steps) / max(1, end - start - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], *, max_epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The ``optim`` config's schedule as a LambdaLR to step once per optimisation step."""
+    schedule = EpochSchedule(
+        str(optim["scheduler"]),
+        steps_per_epoch=steps_per_epoch,
+        max_epochs=max_epochs,
+        warmup_epochs=float(optim.get("warmup_epochs", 0) or 0),
+        milestones=list(optim.get("milestones") or ()),
+        gamma=float(optim.get("gamma", 0.1)),
+        min_lr_ratio=float(optim.get("min_lr_ratio", 0.0)),
+        restart_epochs=list(optim.get("restart_epochs") or ()),
+    )
+
+    # A plain function, not the schedule object: LambdaLR would store an object's attributes in
+    # the checkpoint and restore them over the ones this run computed (e.g. steps per epoch).
+    def factor(step: int) -> float:
+        return schedule(step)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def upgrade_scheduler_states(checkpoint: dict[str, Any]) -> None:
+    """Rewrite, in place, a checkpoint's MultiStepLR states as this engine's per-step LambdaLR.
+
+    Checkpoints written before every schedule became a per-step LambdaLR hold a MultiStepLR state
+    that counts epochs; loaded as is, LambdaLR would read that epoch count as a step count and
+    replay the warm-up. The step count (``global_step``) replaces it, so a resumed multistep run
+    keeps its milestones (and from then on follows its configured warm-up, which MultiStepLR
+    ignored: the same lr once the warm-up epochs are over).
+    """
+    for state in checkpoint.get("lr_schedulers", []):
+        if "milestones" in state:
+            step = int(checkpoint.get("global_step", 0))
+            for key in ("milestones", "gamma"):
+                state.pop(key)
+            state.update(last_epoch=step, _step_count=step + 1, lr_lambdas=[None] * len(state.get("base_lrs", [])))
 
 
 class PersonSearchModule(L.LightningModule):
@@ -119,31 +256,16 @@ class PersonSearchModule(L.LightningModule):
         else:
             raise ValueError(f"optim.optimizer must be adam or adamw, got {kind!r}")
 
-        scheduler_kind = optim["scheduler"]
         max_epochs = int(self.config["trainer"]["max_epochs"])
-        if scheduler_kind == "multistep":
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer, milestones=list(optim["milestones"]), gamma=float(optim["gamma"])
-            )
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-        # Warm-up then cosine (or constant), stepped per optimisation step.
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1
+        # Optimisation steps per epoch (Lightning's estimate is ceil(batches / accumulation) x
+        # max_epochs, so this division is exact); every kind is stepped per optimisation step.
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total_steps // max(1, max_epochs))
-        warmup = int(float(optim["warmup_epochs"]) * steps_per_epoch)
-        floor = float(optim["min_lr_ratio"])
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if scheduler_kind == "constant":
-                return 1.0
-            if scheduler_kind != "cosine":
-                raise ValueError(f"optim.scheduler must be cosine, multistep or constant, got {scheduler_kind!r}")
-            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = build_lr_scheduler(optimizer, optim, max_epochs=max_epochs, steps_per_epoch=steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        upgrade_scheduler_states(checkpoint)  # runs before Lightning restores the scheduler
 
     # ------------------------------------------------------------------ checkpoint contents
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

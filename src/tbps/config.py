@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
         "milestones": [20, 30],
         "gamma": 0.1,
         "min_lr_ratio": 0.01,
+        "restart_epochs": [],  # epochs where warm-up and decay start again (LAIP's stage 2, App. E2)
     },
     "trainer": {
         "max_epochs": 30,

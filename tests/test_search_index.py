@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -306,13 +307,13 @@ def test_faiss_kinds_by_size_and_approximate_recall() -> None:
         assert recall > 0.8, (kind, recall)
 
 
-def test_local_features_are_stored_fp16_memory_mapped_and_used_for_two_stage(tmp_path: Path, tiny_synthetic: Path) -> None:
-    """A method with local features (ISANet): they go to fp16 memory-mapped files and two-stage
-    search re-scores candidates with them, as the method's own similarity does."""
+@pytest.fixture(scope="module")
+def isanet_index(tiny_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index of 24 images built with a tiny, untrained ISANet (global and local features)."""
     from tbps.config import load_config
     from tbps.engine.module import PersonSearchModule
-    from tbps.search.index import scan_folder
 
+    work = tmp_path_factory.mktemp("isanet-index")
     config = load_config(
         "isanet/synthetic",
         ["data.image_size=[64,64]", "model.text_backbone.hidden_size=32", "model.text_backbone.embedding_dim=16",
@@ -321,18 +322,22 @@ def test_local_features_are_stored_fp16_memory_mapped_and_used_for_two_stage(tmp
     torch.manual_seed(0)
     module = PersonSearchModule(config, num_classes=4)
     module.method.fit_text(["a man in a red shirt", "a woman with a black bag and blue jeans"])
-    checkpoint = tmp_path / "isanet.ckpt"
+    checkpoint = work / "isanet.ckpt"
     torch.save(
         {"state_dict": module.state_dict(), "epoch": 0,
          "tbps": {"format": 1, "method": "isanet", "config": module.config, "num_classes": 4, "label_map": {}}},
         checkpoint,
     )
-    images = tmp_path / "gallery"
+    images = work / "gallery"
     shutil.copytree(tiny_synthetic / "imgs", images)
-    sources = scan_folder(images)[:24]
-    build_index(checkpoint, sources, tmp_path / "isanet.idx")
+    build_index(checkpoint, scan_folder(images)[:24], work / "isanet.idx")
+    return work / "isanet.idx"
 
-    searcher = Searcher.open(tmp_path / "isanet.idx")
+
+def test_local_features_are_stored_fp16_memory_mapped_and_used_for_two_stage(isanet_index: Path) -> None:
+    """A method with local features (ISANet): they go to fp16 memory-mapped files and two-stage
+    search re-scores candidates with them, as the method's own similarity does."""
+    searcher = Searcher.open(isanet_index)
     assert searcher.index.local, "ISANet's local features were not stored"
     for values in searcher.index.local.values():
         assert values.dtype == np.float16 and isinstance(values, np.memmap)
@@ -344,3 +349,140 @@ def test_local_features_are_stored_fp16_memory_mapped_and_used_for_two_stage(tmp
                       for key, v in {"global": searcher.index.vectors, **searcher.index.local}.items()}
     direct = searcher.method.similarity(text_features, image_features)[0]
     np.testing.assert_allclose([h.score for h in hits], direct.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_search_ranks_by_the_methods_own_similarity(isanet_index: Path) -> None:
+    """Issue 14: without re-ranking, an ISANet index ranked by the global cosine alone (S_local
+    was ignored). The searcher now ranks every image by ``similarity`` = S_global + S_local,
+    exactly as ``tbps eval`` does, filtered or not, whatever the tile size."""
+    searcher = Searcher.open(isanet_index)
+    assert searcher.scoring == "method"
+    text = "a woman with a black bag and blue jeans"
+    text_features = searcher.encode_text([text])
+    every = np.arange(len(searcher))
+    full = searcher.method.similarity(text_features, searcher.index.image_features(every))[0].numpy()
+    expected = np.argsort(-full, kind="stable")
+    global_only = np.argsort(-searcher.method.global_similarity(text_features, searcher.index.image_features(every))[0].numpy(), kind="stable")
+    assert not np.array_equal(expected[:10], global_only[:10]), "S_local changes nothing here: the test would prove nothing"
+    for tile_bytes in (64 * 1024 * 1024, 5 * 4 * (searcher.index.vectors.shape[1] + 1)):  # one tile; tiles of a few images
+        searcher.score_tile_bytes = tile_bytes
+        hits = searcher.search(text, k=10)
+        assert [h.id for h in hits] == expected[:10].tolist()
+        np.testing.assert_allclose([h.score for h in hits], full[expected[:10]], rtol=1e-5, atol=1e-5)
+    assert searcher._score_tile() < 10  # the second pass really merged several tiles
+    # A filtered subset (what filters pass on) keeps the unfiltered order of the images it keeps.
+    odd = [i for i in expected.tolist() if i % 2]
+    allowed = searcher._method_top(text_features, 5, np.array(sorted(odd), dtype=np.int64))[0]
+    assert allowed.tolist() == odd[:5]
+    # RVN starts from the method's own top candidates too.
+    pool = searcher.search(text, k=24)
+    rvn = searcher.search(text, k=24, rerank="rvn", candidates=24)
+    assert {h.id for h in rvn} == {h.id for h in pool}
+
+
+def test_global_methods_still_rank_through_faiss(search_index: Path, monkeypatch) -> None:
+    searcher = Searcher.open(search_index)
+    assert searcher.scoring == "global"
+    monkeypatch.setattr(searcher, "_method_top", lambda *a, **k: pytest.fail("a global-only method needs no exhaustive scoring"))
+    assert len(searcher.search("a man in a blue jacket", k=5)) == 5
+
+
+# --------------------------------------------------------------------------- security
+def test_an_index_naming_a_code_running_checkpoint_is_refused(search_index: Path, tmp_path: Path) -> None:
+    """Issue 15 item 1: the manifest names the checkpoint `tbps search` / `tbps serve` load."""
+    from typer.testing import CliRunner
+
+    from tbps.cli.main import app
+    from tbps.engine.checkpoint import UnsafeCheckpointError, read_checkpoint
+    from tbps.utils import sha256_file
+
+    from search_fixtures import write_code_running_checkpoint
+
+    marker = tmp_path / "code-ran"
+    copy = Path(shutil.copytree(search_index, tmp_path / "index"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    evil = write_code_running_checkpoint(tmp_path / "evil.ckpt", marker, like=read_checkpoint(manifest["checkpoint"]))
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "checkpoint": str(evil), "checkpoint_sha256": sha256_file(evil)}))
+    with pytest.raises(UnsafeCheckpointError, match="was refused"):
+        Searcher.open(copy)
+    result = CliRunner().invoke(app, ["search", str(copy), "a man"])
+    assert result.exit_code == 2 and "was refused" in " ".join(result.output.split())
+    assert not marker.exists()
+
+
+def test_verify_checks_the_checkpoint_hash_without_loading_it(search_index: Path, search_checkpoint: Path, tmp_path: Path) -> None:
+    from search_fixtures import write_code_running_checkpoint
+
+    from tbps.engine.checkpoint import read_checkpoint
+
+    marker = tmp_path / "code-ran"
+    copy = Path(shutil.copytree(search_index, tmp_path / "index"))
+    swapped = tmp_path / "model.ckpt"
+    shutil.copy(search_checkpoint, swapped)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "checkpoint": str(swapped)}))
+    # (the manifest's checksum is not in its own file list, so editing it breaks nothing else)
+    assert verify_index(copy) == []
+    write_code_running_checkpoint(swapped, marker, like=read_checkpoint(search_checkpoint))
+    problems = verify_index(copy)
+    assert len(problems) == 1 and "has changed since the index was built" in problems[0]
+    assert not marker.exists()
+
+
+def _symlinked_folder(tiny_synthetic: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """photos/: two images, a link to an outside image, a link to an image inside, a link to an
+    outside folder and a link back to photos/ itself; elsewhere/: the outside images."""
+    folder, outside = tmp_path / "photos", tmp_path / "elsewhere"
+    files = _copy_images(tiny_synthetic, folder / "people", 2)
+    secret = _copy_images(tiny_synthetic, outside, 2, start=5)
+    (folder / "secret.jpg").symlink_to(secret[0])
+    (folder / "again.jpg").symlink_to(files[0])
+    (folder / "linked").symlink_to(outside, target_is_directory=True)
+    (folder / "people" / "loop").symlink_to(folder, target_is_directory=True)
+    return folder, outside
+
+
+def test_folder_scan_does_not_follow_symlinks_unless_asked(tiny_synthetic: Path, tmp_path: Path) -> None:
+    """Issue 15 item 2: the scan stored symlink targets outside the indexed folder."""
+    folder, outside = _symlinked_folder(tiny_synthetic, tmp_path)
+    scan = scan_folder(folder)
+    assert [s.relative_path for s in scan] == sorted(f"people/{p.name}" for p in (folder / "people").glob("*.jpg"))
+    assert all(s.path.is_relative_to(folder.resolve()) for s in scan)
+    reasons = {Path(s["path"]).name: s["reason"] for s in scan.skipped}
+    assert set(reasons) == {"secret.jpg", "again.jpg", "linked", "loop"}
+    assert all("not followed" in reason for reason in reasons.values())
+
+    followed = scan_folder(folder, follow_symlinks=True)
+    assert {s.relative_path for s in followed} == {s.relative_path for s in scan}  # nothing outside, no duplicate
+    reasons = {Path(s["path"]).name: s["reason"] for s in followed.skipped}
+    assert "outside the indexed folder" in reasons["secret.jpg"] and "outside" in reasons["linked"]
+    assert "same file as" in reasons["again.jpg"] and "already indexed" in reasons["loop"]
+
+    # Links into a folder named with link_roots are followed, and that folder becomes a root.
+    with_root = scan_folder(folder, follow_symlinks=True, link_roots=[outside])
+    linked = sorted(f"linked/{p.name}" for p in outside.iterdir())
+    assert [s.relative_path for s in with_root] == linked + [s.relative_path for s in scan]
+    # secret.jpg is the same file as one reached through linked/: indexed once.
+    assert "same file as" in {Path(s["path"]).name: s["reason"] for s in with_root.skipped}["secret.jpg"]
+    assert with_root.roots == (folder.resolve(), outside.resolve())
+    assert {s.root for s in with_root} == {folder.resolve(), outside.resolve()}
+    with pytest.raises(ValueError, match="follow_symlinks"):
+        scan_folder(folder, link_roots=[outside])
+
+
+def test_oversized_images_are_skipped_undecoded_at_build(search_checkpoint: Path, tiny_synthetic: Path, tmp_path: Path) -> None:
+    """Issue 15 item 4: a 21 KB PNG of 13,000 x 13,000 pixels is reported, never decoded."""
+    from search_fixtures import write_png_bomb
+
+    folder = tmp_path / "photos"
+    _copy_images(tiny_synthetic, folder, 3)
+    write_png_bomb(folder / "bomb.png", 13_000, 13_000)
+    report = build_index(search_checkpoint, scan_folder(folder), tmp_path / "index", batch_size=4)
+    assert report.indexed == 3
+    (skip,) = report.skipped
+    assert Path(skip["path"]).name == "bomb.png" and "13000 x 13000 = 169,000,000 pixels, over the limit of 40,000,000" in skip["reason"]
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert manifest["max_pixels"] == 40_000_000 and manifest["image_roots"] == [str(folder.resolve())]
+    # The limit is the caller's: at 3,000 pixels every 96 x 40 image is over it.
+    with pytest.raises(ValueError, match="none of the 4 images could be read"):
+        build_index(search_checkpoint, scan_folder(folder), tmp_path / "small", max_pixels=3_000)

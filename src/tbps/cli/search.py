@@ -34,7 +34,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 MAX_PIXELS_HELP = "largest image decoded, in pixels (width x height); larger ones are skipped undecoded (decompression bombs)"
 
 
-def _sources(images: Optional[Path], dataset: Optional[str], root: Optional[Path], split: str, pattern: Optional[str], sidecar: Optional[Path], follow_symlinks: bool = False):
+def _sources(images: Optional[Path], dataset: Optional[str], root: Optional[Path], split: str, pattern: Optional[str],
+             sidecar: Optional[Path], follow_symlinks: bool = False, link_roots: Optional[list[Path]] = None):
     from tbps.search.index import dataset_sources, scan_folder
 
     if (images is None) == (dataset is None):
@@ -42,10 +43,10 @@ def _sources(images: Optional[Path], dataset: Optional[str], root: Optional[Path
     if dataset is not None:
         if root is None:
             _fail("--dataset needs --root")
-        if follow_symlinks:
-            _fail("--follow-symlinks applies to --images folders only")
+        if follow_symlinks or link_roots:
+            _fail("--follow-symlinks and --link-root apply to --images folders only")
         return dataset_sources(dataset, root, split)
-    return scan_folder(images, pattern=pattern, sidecar=sidecar, follow_symlinks=follow_symlinks)
+    return scan_folder(images, pattern=pattern, sidecar=sidecar, follow_symlinks=follow_symlinks, link_roots=link_roots or ())
 
 
 class _BatchProgress:
@@ -94,14 +95,15 @@ def build_command(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted build from its last completed batch"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing index"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="follow symbolic links whose target lies inside --images (others are always skipped)"),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="follow symbolic links whose target lies inside --images or a --link-root (others are skipped and listed)"),
+    link_root: Optional[list[Path]] = typer.Option(None, "--link-root", help="with --follow-symlinks: a folder outside --images that links may point into; it becomes an image root of the index (repeatable)"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help=MAX_PIXELS_HELP),
 ) -> None:
     """Embed a folder of person images (or a benchmark split) into a searchable index."""
     from tbps.search.index import build_index
 
     try:
-        sources = _sources(images, dataset, root, split, pattern, sidecar, follow_symlinks)
+        sources = _sources(images, dataset, root, split, pattern, sidecar, follow_symlinks, link_root)
         with _BatchProgress("embedding") as progress:
             report = build_index(checkpoint, sources, out, kind=kind, batch_size=batch_size, num_workers=workers,
                                  resume=resume, overwrite=overwrite, device=device, on_batch=progress, max_pixels=max_pixels)
@@ -122,13 +124,14 @@ def add_command(
     workers: int = typer.Option(2, min=0),
     device: str = typer.Option("cpu"),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="as for build"),
+    link_root: Optional[list[Path]] = typer.Option(None, "--link-root", help="as for build"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help=MAX_PIXELS_HELP + " (default: the index's own)"),
 ) -> None:
     """Append images to an index without rebuilding it."""
     from tbps.search.index import SearchIndexError, add_images, scan_folder
 
     try:
-        sources = scan_folder(images, pattern=pattern, sidecar=sidecar, follow_symlinks=follow_symlinks)
+        sources = scan_folder(images, pattern=pattern, sidecar=sidecar, follow_symlinks=follow_symlinks, link_roots=link_root or ())
         with _BatchProgress("embedding") as progress:
             report = add_images(index, sources, checkpoint=checkpoint, batch_size=batch_size, num_workers=workers,
                                 device=device, on_batch=progress, max_pixels=max_pixels)

@@ -66,8 +66,8 @@ def decode_image(
             if width * height > max_pixels:
                 raise ImageTooLargeError(
                     label,
-                    f"image is {width} x {height} = {width * height / 1e6:.1f} Mpx, over the limit of "
-                    f"{max_pixels / 1e6:.1f} Mpx (max_pixels); not decoded",
+                    f"image is {width} x {height} = {width * height:,} pixels, over the limit of "
+                    f"{max_pixels:,} (max_pixels); not decoded",
                 )
             if semaphore is not None:
                 semaphore.acquire()

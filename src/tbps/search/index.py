@@ -11,10 +11,11 @@ An index is a directory::
 
 The manifest also records the *image roots*: the resolved folders the images were indexed from.
 ``tbps serve`` reads image files only inside them (see :mod:`tbps.search.images`). A folder scan
-does not follow symbolic links unless asked (``follow_symlinks``), and even then keeps only links
-whose target lies inside the scanned folder: the server would refuse any other, so indexing it
-would only leave a hole in the gallery (and record a path outside the folder). Images whose
-header declares more than ``max_pixels`` pixels are skipped undecoded, like unreadable ones.
+passes over symbolic links unless asked (``follow_symlinks``); even then it follows a link only
+when its target lies inside the scanned folder or inside one of the ``link_roots`` named with
+it, which then become image roots too. A link planted in a shared folder therefore never makes
+the index (and the server) reach a file its owner did not name. Images whose header declares
+more than ``max_pixels`` pixels are skipped undecoded, like unreadable ones.
 
 A build writes into ``.<name>.building`` beside the target, keeping one feature file per
 completed batch plus ``progress.json``; only a finished build is renamed into place, so an
@@ -100,12 +101,13 @@ class ImageSource:
 
 
 class FolderScan(list):
-    """What :func:`scan_folder` found: a list of :class:`ImageSource`, plus ``root`` (resolved)
-    and ``skipped`` (entries passed over, each ``{"path", "reason"}``, reported by the build)."""
+    """What :func:`scan_folder` found: a list of :class:`ImageSource`, plus ``roots`` (the
+    resolved folder, then the link roots) and ``skipped`` (entries passed over, each
+    ``{"path", "reason"}``, reported by the build)."""
 
-    def __init__(self, sources: Sequence[ImageSource], root: Path, skipped: list[dict[str, str]]) -> None:
+    def __init__(self, sources: Sequence[ImageSource], roots: Sequence[Path], skipped: list[dict[str, str]]) -> None:
         super().__init__(sources)
-        self.root = root
+        self.roots = tuple(roots)
         self.skipped = skipped
 
 
@@ -184,25 +186,35 @@ def scan_folder(
     pattern: str | None = None,
     sidecar: str | os.PathLike | None = None,
     follow_symlinks: bool = False,
+    link_roots: Sequence[str | os.PathLike] = (),
 ) -> FolderScan:
     """Every image file under ``folder`` (recursive, sorted), with camera / timestamp metadata.
 
     ``pattern`` is a regular expression searched in the relative path whose named groups
     ``camera`` and ``timestamp`` fill the metadata; ``sidecar`` is a CSV that overrides it.
 
-    Symbolic links (to files or folders) are passed over and reported unless ``follow_symlinks``;
-    with it, a link is followed only when its target lies inside ``folder`` (each target folder
-    once, so link loops end). Other non-regular files (FIFOs, devices) are always passed over.
-    Each source's ``path`` is its resolved location, inside the resolved ``folder``.
+    Symbolic links (to files or folders) are passed over and reported unless ``follow_symlinks``.
+    With it, a link is followed when its target lies inside ``folder`` or inside one of
+    ``link_roots`` (folders elsewhere that links may point into, e.g. the originals of a folder
+    of links); others are reported. Each target folder is walked once, so link loops end, and a
+    file reached twice is indexed once. Non-regular files (FIFOs, devices) are always passed
+    over. Each source's ``path`` is its resolved location and its ``root`` the allowed folder
+    holding it.
     """
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
-    real_root = Path(os.path.realpath(root))
+    if link_roots and not follow_symlinks:
+        raise ValueError("link_roots (--link-root) name where followed links may point: pass follow_symlinks (--follow-symlinks) too")
+    for extra in link_roots:
+        if not Path(extra).is_dir():
+            raise FileNotFoundError(f"link root {str(extra)!r} is not a folder")
+    allowed = real_roots([root, *link_roots])
+    real_root = allowed[0]
     compiled = re.compile(pattern) if pattern else None
     side = read_sidecar_csv(sidecar) if sidecar else {}
     skipped: list[dict[str, str]] = []
-    not_followed = "symbolic link, not followed (--follow-symlinks follows links that stay inside the indexed folder)"
+    not_followed = "symbolic link, not followed (--follow-symlinks follows links into the folder or a --link-root)"
     found: list[tuple[Path, Path]] = []  # (path as walked, resolved path)
     visited = {real_root}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
@@ -213,10 +225,10 @@ def scan_folder(
             target = Path(os.path.realpath(sub))
             if sub.is_symlink() and not follow_symlinks:
                 skipped.append({"path": str(sub), "reason": not_followed})
-            elif not is_inside(target, (real_root,)):
-                skipped.append({"path": str(sub), "reason": f"symbolic link to a folder outside the indexed folder ({target})"})
+            elif not is_inside(target, allowed):
+                skipped.append({"path": str(sub), "reason": f"symbolic link to a folder outside the indexed folder and link roots ({target})"})
             elif target in visited:
-                skipped.append({"path": str(sub), "reason": f"folder {target} is already indexed through another link"})
+                skipped.append({"path": str(sub), "reason": f"folder {target} is already indexed through another path"})
             else:
                 visited.add(target)
                 keep.append(name)
@@ -226,13 +238,12 @@ def scan_folder(
                 continue
             path = here / name
             try:
-                is_link = stat.S_ISLNK(os.lstat(path).st_mode)
-                if is_link and not follow_symlinks:
+                if stat.S_ISLNK(os.lstat(path).st_mode) and not follow_symlinks:
                     skipped.append({"path": str(path), "reason": not_followed})
                     continue
                 real = Path(os.path.realpath(path))
-                if not is_inside(real, (real_root,)):
-                    skipped.append({"path": str(path), "reason": f"symbolic link to a file outside the indexed folder ({real})"})
+                if not is_inside(real, allowed):
+                    skipped.append({"path": str(path), "reason": f"symbolic link to a file outside the indexed folder and link roots ({real})"})
                     continue
                 if not stat.S_ISREG(os.stat(real).st_mode):
                     skipped.append({"path": str(path), "reason": "not a regular file"})
@@ -241,17 +252,20 @@ def scan_folder(
                 skipped.append({"path": str(path), "reason": str(error)})
                 continue
             found.append((path, real))
-    sources = []
+    # A file reached twice is kept under the path that involves no link (else the first in order).
     seen: dict[Path, Path] = {}
-    for path, real in sorted(found):
+    for path, real in sorted(found, key=lambda item: (item[1] != real_root / item[0].relative_to(root), item[0])):
         if real in seen:
             skipped.append({"path": str(path), "reason": f"same file as {seen[real]}"})
-            continue
-        seen[real] = path
+        else:
+            seen[real] = path
+    sources = []
+    for real, path in sorted(((real, path) for real, path in seen.items()), key=lambda item: item[1]):
         relative = path.relative_to(root).as_posix()
         meta = {**_metadata_from_pattern(relative, compiled), **{k: v for k, v in side.get(relative, {}).items() if v}}
-        sources.append(ImageSource(real, relative, meta.get("camera"), meta.get("timestamp"), root=real_root))
-    return FolderScan(sources, real_root, skipped)
+        holder = next(r for r in allowed if is_inside(real, (r,)))
+        sources.append(ImageSource(real, relative, meta.get("camera"), meta.get("timestamp"), root=holder))
+    return FolderScan(sources, allowed, skipped)
 
 
 def dataset_sources(name: str, root: str | os.PathLike, split: str = "test") -> list[ImageSource]:

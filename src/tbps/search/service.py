@@ -511,4 +511,5 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization"], allow_credentials=False)
     app.state.searcher = searcher
+    app.state.decodes = decodes
     return app

@@ -8,15 +8,20 @@ Reads like the paper (``isanet.md``; equation numbers in brackets):
    ``combine: mean``; a BERT-family encoder is an option). Word features must live in the same
    ``C`` channels as the image (``W_s`` of eqs. 9 and 12 is shared): when the text encoder's
    width differs from ``C`` a linear map ``text_to_channels`` brings it there (identity when equal,
-   as at paper scale with a 2048-wide Bi-LSTM).
-2. **Relation-guided localization** (RGL, [2]-[5]): :class:`RelationGuidedLocalization`.
+   as at paper scale with a 2048-wide Bi-LSTM). No module assumes a map size: the position-specific
+   ones (RGL's ``W_a``, RGA's relation embedding) are built for the size the backbone gives at the
+   configured image size (one dummy forward), whatever its stride.
+2. **Relation-guided localization** (RGL, [2]-[5]): :class:`RelationGuidedLocalization`; Table
+   IV's replacements :class:`ConvolutionalBlockAttention` (CBAM), :class:`RelationAwareSpatialAttention`
+   (RGA-S) and the core's non-local block.
 3. **Channel attention filtration** (CAF, [6]-[8]): :class:`ChannelAttentionFiltration`.
 4. **Implicit local alignment** (ILA, [9]-[14]): :class:`ImplicitLocalAlignment`.
 5. **Global alignment** (GA, [15]-[16]): FC then global max pooling for the image, global max
    pooling then FC for the text.
-6. **Losses** [17]-[21]: identity loss on the global and each local feature, the bidirectional
-   triplet ranking loss with the weak supervision of another caption of the same identity,
-   and the identity-relevant content-consistency triplet around CAF.
+6. **Losses** [17]-[21]: identity loss on the global and each local feature (each through a
+   normalising neck, ``feature_norm``), the bidirectional triplet ranking loss with the weak
+   supervision of another caption of the same identity (SSAN's ranking loss, see below), and the
+   identity-relevant content-consistency triplet around CAF.
 7. **Test similarity**: ``S = S_global + S_local``, both cosine. Every feature is computed per
    image / per caption with no cross-modal interaction, so ``S`` is the inner product of the
    concatenated unit vectors ``[g/|g|, l/|l|]`` (:func:`retrieval_vector`) and ISANet searches a
@@ -25,47 +30,105 @@ Reads like the paper (``isanet.md``; equation numbers in brackets):
 How the paper's RGL dimensions are read (they do not close as printed)
 ----------------------------------------------------------------------
 Eq. 2 gives ``W in R^{r2 x d/r1}`` ("an r2-dimensional relation vector"), the text after eq. 3
-``r_i in R^{NC/r1}`` and eq. 5 ``W_a in R^{C x (N/r1 + 1)C}``; with the paper's r1 = 32,
-r2 = 256, C = 2048, N = 192 these are three different sizes. r1, r2 and r3 are all called
-*scale factors* (dividers, like r3 in ILA's ``W^l_theta in R^{d_c/r3 x d_c}``), so we read:
+``r_i in R^{NC/r1}`` and eq. 5 ``W_a in R^{C x (N/r1 + 1)C}``. Eqs. 3 and 5 agree with each other:
+``r_i`` concatenates N relation vectors of ``C/r1`` entries (64 at C = 2048, r1 = 32), and ``W_a``
+acts on ``[f_i, r_i]`` of ``C + N C/r1`` entries. Only eq. 2's wording ("r2-dimensional", 256 as
+printed) disagrees, and no reading of r2 = 256 fits eq. 5, so we follow eqs. 3 and 5:
 
 * ``x_theta = ReLU(BN(W_theta x))``, ``y_phi = ReLU(BN(W_phi y))`` in ``R^{C/r1}`` (64);
-* ``r(x, y) = ReLU(BN(W (x_theta - y_phi)))`` with ``W in R^{(C/r2) x (C/r1)}``: a relation
-  vector of ``R = C/r2`` (8) entries per pair (``relation_dim`` overrides it);
-* ``r_i = Concat_j r_{i,j} in R^{N R}`` (1,536), ``W_a in R^{C x (C + N R)}`` acting on
-  ``[f_i, r_i]``; ``W_a`` is position-specific (block ``j`` weights the relation to position
-  ``j``, as in RGA), so the module is built for one feature-map size (found from the image size).
+* ``r(x, y) = ReLU(BN(W (x_theta - y_phi)))`` with ``W in R^{(C/r1) x (C/r1)}``: a relation
+  vector of ``R = C/r1`` entries per pair. ``rgl.relation_dim`` sets ``R`` explicitly and
+  ``rgl.relation_reduction`` (r2) gives ``R = C/r2`` (8 at paper scale; this module's earlier
+  reading, 8x smaller ``W_a``), neither is in the paper's configs;
+* ``r_i = Concat_j r_{i,j} in R^{N R}`` (12,288), ``W_a in R^{C x (C + N R)}`` (29.4 M weights at
+  24 x 8 x 2048); ``W_a`` is position-specific (block ``j`` weights the relation to position ``j``,
+  as in RGA), so the module is built for one feature-map size.
 
 Memory: ``W`` is linear, so ``W(x_theta_i - y_phi_j) = u_i - w_j`` with ``u = W x_theta``,
 ``w = W y_phi``: the ``N x N x C/r1`` difference tensor is never formed. The batch-norm statistics
 over all ``B N N`` pairs have a closed form in ``u`` and ``w`` (:func:`pair_difference_statistics`),
 so the ``N x N x R`` relation tensor is produced ``chunk_size`` query positions at a time and
-immediately contracted with ``W_a`` (activation checkpointing keeps the backward pass bounded too).
-The direct path (``chunk_size: 0``) materialises every pair and uses ``nn.BatchNorm1d``; the
-tests check the two agree.
+immediately contracted with ``W_a`` (activation checkpointing keeps the backward pass bounded too:
+64 x 32 x 192 x 64 floats = 101 MB per chunk at paper scale in float32). The direct path
+(``chunk_size: 0``) materialises every pair and uses ``nn.BatchNorm1d``; the tests check the two
+agree. The pair batch norm follows ``nn.BatchNorm1d``: biased variance of the batch in training,
+running averages of the unbiased one at test; over ``B N N`` pairs the two differ by a factor
+``n/(n-1)`` with ``n`` in the millions, which is nothing.
 
 ILA reading: eq. 10's ``W^l in R^{d_c x d_c/r3}`` makes the assignment ``a_{i,j}`` a
 ``d_c``-vector (the "detailed correspondence" of Sec. IV-C-3 that an inner product lacks), so
-eq. 11 is ``v_j = sum_i a_{i,j} (.) z_i`` channel-wise. The soft assignment is a softmax of the
-relation vectors over the K centres, per channel: it sums to 1 over K at every position / word.
+eq. 11 is ``v_j = sum_i a_{i,j} (.) z_i`` channel-wise. The assignment is eq. 10 as printed, the
+rectified relation vector itself; an earlier version added a softmax over the K centres, which
+the paper does not have and which kept every assignment near 1/K. The centres' batch norm (``c_phi``)
+uses the K centres' own mean and biased variance in training and at test (they are the whole
+population; running averages would scale ``c_phi`` by ``sqrt((K-1)/K)`` at test, 0.91 at K = 6).
 The relation function's linear maps and the centres are shared by both modalities (eqs. 10, 13);
 its batch norms keep per-modality statistics because images and captions are encoded in separate
 calls (one shared running average would mix two different distributions at test time).
 
-Ablation switches (Tables III-V), under ``model``:
+Identity loss (eq. 17): one classifier per feature shared by images and captions. Un-normalised,
+the image global vector (FC then GMP over positions) enters it at norm 12.2 and the caption's at
+1.3 with RGL + CAF on the synthetic benchmark at initialisation (the issue: 6.9 vs 1.1 without
+them), so it fits images only (the failure ACSA's ``feature_norm`` fixed). ``feature_norm`` puts a neck
+before every classifier: ``layernorm`` (default; both at ``sqrt(d)`` before the affine),
+``batchnorm`` (BNNeck, per-call statistics, i.e. per modality) or ``none``. Retrieval features and
+the (cosine) ranking losses do not go through it.
 
-* ``global_alignment``: GA on, or off = the SSAN baseline's shared projection after max pooling;
-* ``local_alignment``: ILA on / off; ``ila.assignment``: ``relation`` (ours), ``inner_product``
-  (Table V "ILA (IP)"), ``netvlad`` (Table V "NetVLAD");
-* ``rgl.mode``: ``relation`` (RGL), ``non_local`` (Table IV "RGL -> Non-Local"), ``none``;
-* ``caf.mode``: ``caf``, ``instance_norm`` (Table IV "CAF -> IN"), ``none``;
-  ``losses.consistency: 0`` is Table IV "CAF (w/o L_cons)".
+Ranking loss (eq. 18), after SSAN (zifyloo/SSAN, ``src/loss/RankingLoss.py``), whose recipe ISANet
+follows ("the setting strategy of alpha_2 keeps same with [15]"):
+
+* per anchor, ONE negative drawn uniformly from its semi-hard set ``0 < hinge < margin``
+  (``losses.negative_sampling: semi-hard-random``; ``hardest`` and ``all`` are the alternatives),
+  anchors with an empty set skipped, hinges summed over the anchors (``losses.reduction: sum``;
+  ``mean`` divides by the number of anchors). Draws come from torch's global generator, which the
+  engine re-seeds per batch. Where no anchor of the batch has a semi-hard negative the loss is 0
+  (SSAN's code then scores its last anchor against that anchor's first negative);
+* ``alpha_2 = (1 + min(|S(v, t_bar)| / |S(v, t)|, 1)) alpha_1 / 2`` per pair, detached
+  (:func:`adaptive_weak_margins`), from epoch ``losses.weak_margin_start_epoch`` on (SSAN's
+  ``epoch_begin``, 5; the engine tells the method the epoch through :meth:`ISANet.set_epoch`);
+  ``alpha_1 / 2`` before (and throughout when the start epoch is null). In the adaptive phase,
+  weak-supervision anchors with ``alpha_2 < losses.weak_min_margin`` (SSAN: 0.16) are skipped.
+  ``lambda_1`` weighs the two weak terms (SSAN's ``cr_beta``, 0.1 in both papers).
 
 Weak supervision (eq. 18): the partner caption ``t_bar_i`` is another caption of the same person
 in the batch (:func:`same_identity_partners`); use ``data.sampler: identity`` so one usually
-exists. A sample without a partner contributes nothing to the two weak-supervision terms; the
-terms are averaged over the samples that have one, and are 0 when none has. Losses are computed
-on the local batch (not all-gathered): partners are found from the batch's caption strings.
+exists. The third term's negatives are the batch's captions of other identities, ``S(v_p, t_n)``
+as printed (SSAN's code uses the other partner captions). A sample without a partner contributes
+nothing to the two weak terms, which are 0 when no sample has one. Losses are computed on the
+local batch (not all-gathered): partners are found from the batch's caption strings.
+
+Content consistency (eq. 20) and why it is not on GAP: ``GAP(IN(F~)) = beta`` for every input, so
+``GAP(F^) = GAP(F~_IN + w (.) R + F~) = (1 + w) (.) GAP(F~) + (1 - w) (.) beta`` exactly: the
+vector after CAF is the one before it, rescaled channel-wise by 1 + w in (1, 2), plus the shared
+beta. ``S(f~, f^)`` is then 0.997-1.000 while different identities stay at 0.20-0.24 (hardest
+negative) on the synthetic benchmark, and no hinge opens at ``alpha_3 = 0.2`` (0 of 64 anchors at
+each of 6 checks over 50 training steps): ``L_cons = 0`` and "w/o L_cons" is the same model. Dropping
+the ``+ F~`` skip from ``f^`` or pooling with GMP does not change that (0 of 64). The
+``consistency_features: global`` default (ours) compares the image's global feature computed from
+``F~`` and from ``F^`` (eq. 15's GMP(W_g .), or the baseline's projection without GA): the space
+the ranking hinges act in, where CAF's ``gamma``, ``beta`` and ``w`` all show, and the hinge at
+``alpha_3 = 0.2`` was open for 42-77 % of the anchors at steps 10-50 of the same run (0 % at
+step 0: the loss starts once training has pulled different identities' global features together).
+``consistency_features: gap`` is eq. 20 as printed. ``losses.reduction`` applies to eq. 20 too.
+
+Ablation switches (Tables III-V), under ``model``:
+
+* Table III: ``global_alignment`` (GA, or off = SSAN's shared projection after max pooling),
+  ``local_alignment`` (ILA), ``rgl.mode`` and ``caf.mode`` below. Row "Baseline" (SSAN without
+  its part branch) is ``global_alignment: false, local_alignment: false, rgl.mode: none,
+  caf.mode: none``; "GA" adds ``global_alignment: true``; "ILA" is ``local_alignment: true`` with
+  ``global_alignment: false``;
+* ``rgl.mode``: ``relation`` (RGL), ``cbam`` (Table IV "RGL -> CBAM"), ``rga`` (Table IV
+  "RGL -> RAG", RGA-S), ``non_local`` (Table IV "RGL -> Non-Local"), ``none``;
+* ``caf.mode``: ``caf``, ``instance_norm`` (Table IV "CAF -> IN"), ``none``;
+  ``losses.consistency: 0`` is Table IV "CAF (w/o L_cons)"; ``losses.consistency_features``:
+  ``global`` (ours) or ``gap`` (as printed);
+* ``ila.assignment``: ``relation`` (ours), ``inner_product`` (Table V "ILA (IP)"), ``netvlad``
+  (Table V "NetVLAD"); ``ila.num_centres``: K (Fig. 5);
+* not in the paper's tables: ``feature_norm`` (``layernorm`` | ``batchnorm`` | ``none``),
+  ``losses.negative_sampling`` (``semi-hard-random`` | ``hardest`` | ``all``), ``losses.reduction``
+  (``sum`` | ``mean``), ``losses.weak_margin_start_epoch`` (int or null), ``losses.weak_min_margin``,
+  ``rgl.relation_dim`` / ``rgl.relation_reduction``.
 """
 
 from __future__ import annotations
@@ -78,7 +141,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from tbps.losses import IdentityLoss, bidirectional_ranking_loss, identity_mask, triplet_ranking_loss
+from tbps.losses import (
+    NEGATIVE_SAMPLINGS,
+    REDUCTIONS,
+    IdentityLoss,
+    NegativeSampling,
+    Reduction,
+    bidirectional_ranking_loss,
+    identity_mask,
+    triplet_ranking_loss,
+)
 from tbps.models.attention import NonLocalBlock2d, SqueezeExcitation
 from tbps.models.backbones import create_image_backbone, create_text_backbone
 from tbps.models.backbones.common import option
@@ -86,8 +158,10 @@ from tbps.models.backbones.text import BiLSTMText
 from tbps.models.base import Features, PersonSearchMethod, TextProcessor
 from tbps.models.registry import register_method
 
-RGL_MODES = ("relation", "non_local", "none")
+RGL_MODES = ("relation", "cbam", "rga", "non_local", "none")
 CAF_MODES = ("caf", "instance_norm", "none")
+FEATURE_NORMS = ("layernorm", "batchnorm", "none")
+CONSISTENCY_FEATURES = ("global", "gap")
 ASSIGNMENTS = ("relation", "inner_product", "netvlad")
 
 
@@ -132,6 +206,13 @@ class PairwiseRelation(nn.Module):
     ``reduced_dim``; ``W`` maps the difference to ``out_dim``. ``groups`` names independent sets
     of batch-norm statistics (ILA: one for images, one for captions) sharing every linear map.
 
+    ``fixed_y``: ``y`` is a fixed set of parameters rather than data (ILA's K topic centres,
+    eqs. 10/13). Its batch norm then always normalises with the set's own mean and biased
+    variance, in training and at test alike (``track_running_stats=False``): the K centres are
+    the whole population, not a sample of it. With running averages the test-time output would
+    differ from the training one by the momentum lag and the unbiased ``K/(K-1)`` variance
+    (6/5 at K = 6, i.e. ``y_phi`` scaled by ``sqrt(5/6) = 0.91`` before the ReLU).
+
     :meth:`embed` gives ``u = W x_theta`` and ``w = W y_phi`` (``W`` is linear, so
     ``W(x_theta - y_phi) = u - w``); :meth:`pair_statistics` the batch norm's mean and variance
     over all pairs (closed form in training, running averages in eval, updated like
@@ -139,13 +220,15 @@ class PairwiseRelation(nn.Module):
     pairs. :meth:`direct` materialises every pair and applies ``nn.BatchNorm1d`` (the reference).
     """
 
-    def __init__(self, in_dim: int, reduced_dim: int, out_dim: int, groups: Sequence[str] = ("default",)) -> None:
+    def __init__(
+        self, in_dim: int, reduced_dim: int, out_dim: int, groups: Sequence[str] = ("default",), fixed_y: bool = False
+    ) -> None:
         super().__init__()
         self.theta = nn.Linear(in_dim, reduced_dim, bias=False)
         self.phi = nn.Linear(in_dim, reduced_dim, bias=False)
         self.relation = nn.Linear(reduced_dim, out_dim, bias=False)  # W
         self.theta_norm = nn.ModuleDict({g: nn.BatchNorm1d(reduced_dim) for g in groups})
-        self.phi_norm = nn.ModuleDict({g: nn.BatchNorm1d(reduced_dim) for g in groups})
+        self.phi_norm = nn.ModuleDict({g: nn.BatchNorm1d(reduced_dim, track_running_stats=not fixed_y) for g in groups})
         self.pair_norm = nn.ModuleDict({g: nn.BatchNorm1d(out_dim) for g in groups})
         self.out_dim = out_dim
 
@@ -212,7 +295,8 @@ class RelationGuidedLocalization(nn.Module):
 
     For position ``i``: ``r_{i,j} = r(f_i, f_j)`` for every ``j`` (eq. 4), ``r_i = Concat_j r_{i,j}``
     (eq. 3), ``a_i = Sigmoid(BN(W_a [f_i, r_i]))`` in ``R^C`` (eq. 5), ``F~ = A (.) F``. See the
-    module docstring for the dimension reading (``r_{i,j}`` in ``R^{C/r2}``).
+    module docstring for the dimension reading: ``r_{i,j}`` in ``R^{C/r1}`` (``relation_dim``
+    overrides it), so ``r_i`` in ``R^{N C/r1}`` (eq. 3) and ``W_a`` in ``R^{C x (N/r1 + 1) C}`` (eq. 5).
 
     ``chunk_size`` query positions are processed at a time (0: the direct path over all pairs);
     ``use_checkpoint`` recomputes each chunk in the backward pass so only one chunk of the
@@ -224,13 +308,16 @@ class RelationGuidedLocalization(nn.Module):
         channels: int,
         num_positions: int,
         theta_reduction: int = 32,
-        relation_dim: int = 8,
+        relation_dim: int | None = None,
         chunk_size: int = 32,
         use_checkpoint: bool = True,
     ) -> None:
         super().__init__()
+        reduced = max(1, channels // theta_reduction)  # C / r1
+        # Eqs. 3 and 5 agree on C/r1 entries per pair: r_i in R^{N C / r1}, W_a in R^{C x (N/r1 + 1) C}.
+        relation_dim = reduced if relation_dim is None else int(relation_dim)
         self.channels, self.num_positions, self.relation_dim = channels, num_positions, relation_dim
-        self.relation = PairwiseRelation(channels, max(1, channels // theta_reduction), relation_dim)
+        self.relation = PairwiseRelation(channels, reduced, relation_dim)
         # W_a in R^{C x (C + N R)}: columns [:C] act on f_i, column block j of [C:] on r_{i,j}.
         self.attention_projection = nn.Linear(channels + num_positions * relation_dim, channels, bias=False)
         self.attention_norm = nn.BatchNorm1d(channels)
@@ -285,6 +372,115 @@ class RelationGuidedLocalization(nn.Module):
 
 
 # =============================================================================================
+# Table IV's replacements for RGL: CBAM [48] and RGA [3] (Non-Local [49] is the core's block)
+# =============================================================================================
+
+
+class ConvolutionalBlockAttention(nn.Module):
+    """CBAM (Woo et al., ECCV 2018; ISANet Table IV "RGL -> CBAM"): channel, then spatial attention.
+
+    Channel attention ``M_c(F) = Sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F)))`` with one MLP
+    ``C -> C/r -> C`` (ReLU) shared by the two pooled descriptors (CBAM eq. 2), ``F' = M_c (.) F``;
+    spatial attention ``M_s(F') = Sigmoid(f^{7x7}([AvgPool_c(F'); MaxPool_c(F')]))``, a 7x7
+    convolution over the channel-wise average and max maps (CBAM eq. 3), ``F'' = M_s (.) F'``.
+    Works on any map size (the convolution pads by ``k // 2``). ``r = 16`` and ``k = 7`` are
+    CBAM's.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.channel_mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
+        self.spatial_conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def channel_attention(self, feature_map: Tensor) -> Tensor:
+        """``M_c`` [B, C, 1, 1]."""
+        logits = self.channel_mlp(feature_map.mean(dim=(2, 3))) + self.channel_mlp(feature_map.amax(dim=(2, 3)))
+        return torch.sigmoid(logits)[:, :, None, None]
+
+    def spatial_attention(self, feature_map: Tensor) -> Tensor:
+        """``M_s`` [B, 1, H, W]."""
+        pooled = torch.cat([feature_map.mean(dim=1, keepdim=True), feature_map.amax(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.spatial_conv(pooled))
+
+    def attention(self, feature_map: Tensor) -> Tensor:
+        """The effective multiplier ``M_c (.) M_s(M_c (.) F)`` [B, C, H, W]: ``forward(F) = F (.) attention(F)``."""
+        channel = self.channel_attention(feature_map)
+        return channel * self.spatial_attention(feature_map * channel)
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        return feature_map * self.attention(feature_map)
+
+
+def _embedding(in_dim: int, out_dim: int) -> nn.Module:
+    """A 1x1 convolution without bias, batch norm, ReLU, on ``[B, N, in]`` rows (RGA's embedding functions)."""
+    return _RowSequential(nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True))
+
+
+class _RowSequential(nn.Sequential):
+    """``nn.Sequential`` over ``[..., D]`` rows: batch norms see the rows flattened (a 1x1 conv's BN2d)."""
+
+    def forward(self, rows: Tensor) -> Tensor:  # type: ignore[override]
+        shape = rows.shape
+        out = rows.reshape(-1, shape[-1])
+        for module in self:
+            out = module(out)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+class RelationAwareSpatialAttention(nn.Module):
+    """RGA-S (Zhang et al., CVPR 2020, "Relation-aware global attention"; ISANet Table IV "RGL -> RGA").
+
+    For the ``N`` positions ``x_i`` of the map: pairwise relations ``r_{i,j} = theta(x_i)^T phi(x_j)``
+    (``theta``, ``phi``: 1x1 conv + BN + ReLU to ``C/s1``); position ``i``'s relation feature is its
+    row and column of the relation matrix, ``[r_{i,:}, r_{:,i}]`` in ``R^{2N}``, embedded by a 1x1
+    conv + BN + ReLU to ``N/s1``; the original feature is embedded the same way to ``C/s1`` and
+    averaged over channels to one value; the two are concatenated (``1 + N/s1``) and scored by
+    1x1 conv (to ``(1 + N/s1)/s2``) + BN + ReLU, 1x1 conv (to 1) + BN, and a sigmoid: one weight
+    per position, shared by all channels. Like RGL the relation feature is position-specific, so
+    the module is built for one map size. ``s1 = s2 = 8`` as in RGA.
+    """
+
+    def __init__(self, channels: int, num_positions: int, channel_reduction: int = 8, spatial_reduction: int = 8, score_reduction: int = 8) -> None:
+        super().__init__()
+        self.channels, self.num_positions = channels, num_positions
+        inter_channels = max(1, channels // channel_reduction)
+        inter_positions = max(1, num_positions // spatial_reduction)
+        self.theta = _embedding(channels, inter_channels)
+        self.phi = _embedding(channels, inter_channels)
+        self.feature_embedding = _embedding(channels, inter_channels)
+        self.relation_embedding = _embedding(2 * num_positions, inter_positions)
+        hidden = max(1, (1 + inter_positions) // score_reduction)
+        self.score = _RowSequential(
+            nn.Linear(1 + inter_positions, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, 1, bias=False),
+            nn.BatchNorm1d(1),
+        )
+
+    def attention(self, feature_map: Tensor) -> Tensor:
+        """Spatial weights ``[B, 1, H, W]`` in (0, 1)."""
+        batch, channels, height, width = feature_map.shape
+        if height * width != self.num_positions or channels != self.channels:
+            raise ValueError(
+                f"RGA was built for {self.channels} channels x {self.num_positions} positions (its relation embedding is "
+                f"position-specific), got a {channels} x {height} x {width} map; build the method with the image size it is fed"
+            )
+        positions = feature_map.flatten(2).transpose(1, 2)  # [B, N, C]
+        relations = self.theta(positions) @ self.phi(positions).transpose(1, 2)  # [B, N, N]: r_{i,j}
+        relation_feature = torch.cat([relations, relations.transpose(1, 2)], dim=-1)  # [B, N, 2N]: [r_{i,:}, r_{:,i}]
+        embedded = torch.cat(
+            [self.feature_embedding(positions).mean(dim=-1, keepdim=True), self.relation_embedding(relation_feature)], dim=-1
+        )
+        weights = torch.sigmoid(self.score(embedded))  # [B, N, 1]
+        return weights.transpose(1, 2).reshape(batch, 1, height, width)
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        return feature_map * self.attention(feature_map)
+
+
+# =============================================================================================
 # Channel attention filtration, eqs. 6-8
 # =============================================================================================
 
@@ -326,9 +522,16 @@ class ImplicitLocalAlignment(nn.Module):
     every centre ``c_j`` (eqs. 10, 13), ``v_j = sum_i a_{i,j} (.) z_i`` (eqs. 11, 14).
     Assignments (Table V):
 
-    * ``relation``: ``a_{i,j} = softmax_j(r(z_i, c_j))`` per channel, ``r`` the relation function of
-      eq. 2 with ``W^l in R^{d_c x d_c/r3}`` (a ``d_c``-vector per pair);
-    * ``inner_product``: ``a_{i,j} = softmax_j(z_i . c_j)`` (a scalar per pair);
+    * ``relation``: ``a_{i,j} = r(z_i, c_j) = ReLU(BN(W^l (z_theta_i - c_phi_j)))``, the relation
+      function of eq. 2 with ``W^l in R^{d_c x d_c/r3}`` (a ``d_c``-vector per pair), used as printed
+      in eq. 10: no softmax over the centres. (A softmax over K of these rectified, unit-variance
+      relation vectors is nearly flat: channel means 0.148-0.186 around 1/6 at K = 6 at
+      initialisation on the synthetic benchmark, every entry positive; as printed, half of the
+      entries are exact zeros of the ReLU, so each channel of a position feeds only some topics.)
+      The centres go through the batch norm with their own statistics in training and at test
+      alike (``PairwiseRelation(fixed_y=True)``);
+    * ``inner_product``: ``a_{i,j} = softmax_j(z_i . c_j)`` (a scalar per pair; Table V "ILA (IP)"
+      gives no formula, the softmax makes it a soft assignment as NetVLAD's);
     * ``netvlad``: ``a_{i,j} = softmax_j(w_j . z_i + b_j)`` and ``v_j = sum_i a_{i,j} (z_i - c_j)``.
 
     Masked positions (padding words) get zero assignment.
@@ -345,7 +548,9 @@ class ImplicitLocalAlignment(nn.Module):
         self.projection = nn.Linear(channels, dim)  # W_s, a 1x1 convolution
         self.centres = nn.Parameter(torch.randn(num_centres, dim) / math.sqrt(dim))  # c_1..c_K
         self.relation = (
-            PairwiseRelation(dim, max(1, dim // reduction), dim, groups=("image", "text")) if assignment == "relation" else None
+            PairwiseRelation(dim, max(1, dim // reduction), dim, groups=("image", "text"), fixed_y=True)
+            if assignment == "relation"
+            else None
         )
         self.netvlad_logits = nn.Linear(dim, num_centres) if assignment == "netvlad" else None
 
@@ -354,20 +559,20 @@ class ImplicitLocalAlignment(nn.Module):
         return self.projection(F.normalize(features, dim=-1))
 
     def soft_assignment(self, projected: Tensor, modality: str, mask: Tensor | None = None) -> Tensor:
-        """``[B, N, K, d_c]`` (relation) or ``[B, N, K, 1]`` assignments, summing to 1 over K where valid."""
+        """``[B, N, K, d_c]`` (relation: eq. 10's rectified relation vectors, not normalised over K)
+        or ``[B, N, K, 1]`` (inner product, NetVLAD: a softmax over K) assignments; 0 where masked."""
         if self.num_centres == 1:
-            # A softmax over one centre is 1 everywhere (K = 1 is the global feature, Fig. 5);
-            # skipping the relation also avoids a batch norm over a single centre.
-            logits = projected.new_zeros(*projected.shape[:2], 1, 1)
+            # K = 1 is "a global one" (Fig. 5): every position fully assigned. The relation is
+            # skipped: a batch norm over a single centre is undefined (zero variance).
+            assignment = projected.new_ones(*projected.shape[:2], 1, 1)
         elif self.assignment == "relation":
             u, w = self.relation.embed(projected, self.centres, modality, mask)
             mean, variance = self.relation.pair_statistics(u, w, modality, mask)
-            logits = self.relation.relation_vectors(u, w, mean, variance, modality)  # [B, N, K, d_c]
+            assignment = self.relation.relation_vectors(u, w, mean, variance, modality)  # [B, N, K, d_c], eq. 10
         elif self.assignment == "inner_product":
-            logits = (projected @ self.centres.t()).unsqueeze(-1)
+            assignment = torch.softmax((projected @ self.centres.t()).unsqueeze(-1), dim=2)
         else:
-            logits = self.netvlad_logits(projected).unsqueeze(-1)
-        assignment = torch.softmax(logits, dim=2)
+            assignment = torch.softmax(self.netvlad_logits(projected).unsqueeze(-1), dim=2)
         if mask is not None:
             assignment = assignment * mask.to(assignment.dtype)[:, :, None, None]
         return assignment
@@ -415,22 +620,61 @@ def same_identity_partners(person_ids: Tensor, captions: Sequence[str], image_id
     return torch.tensor(partners, dtype=torch.long, device=person_ids.device)
 
 
-def weak_supervision_ranking_loss(similarity: Tensor, partners: Tensor, labels: Tensor, margin: float) -> Tensor:
-    """The two weak-supervision terms of eq. 18 (before ``lambda_1``), mean over anchors with a partner.
+def adaptive_weak_margins(similarity: Tensor, partners: Tensor, margin: float) -> Tensor:
+    """SSAN's adaptive margin ``alpha_2`` of eq. 18, one per sample: ``(1 + min(lambda, 1)) alpha_1 / 2``.
+
+    ``lambda_i = |S(v_i, t_bar_i)| / |S(v_i, t_i)|`` (detached): the closer the other caption of the
+    same person scores to the matched one, the closer ``alpha_2`` gets to ``alpha_1``; a partner
+    caption that scores far lower (a vaguer or different description) gets a margin down to
+    ``alpha_1 / 2``. ``similarity[i, j] = S(v_i, t_j)``, ``t_bar_i = t_{partners[i]}``; samples
+    without a partner get ``alpha_1 / 2`` (their value is never used).
+    """
+    with torch.no_grad():
+        matched = similarity.diagonal().abs()
+        partner = similarity.gather(1, partners.clamp(min=0).unsqueeze(1)).squeeze(1).abs()
+        ratio = (partner / matched.clamp(min=1e-8)).clamp(max=1.0)
+        ratio = torch.where(partners >= 0, ratio, torch.zeros_like(ratio))
+        return (1.0 + ratio) * margin / 2.0
+
+
+def weak_supervision_ranking_loss(
+    similarity: Tensor,
+    partners: Tensor,
+    labels: Tensor,
+    margin: float | Tensor,
+    sampling: NegativeSampling = "hardest",
+    reduction: Reduction = "mean",
+    min_margin: float | None = None,
+) -> Tensor:
+    """The two weak-supervision terms of eq. 18 (before ``lambda_1``).
 
     ``similarity[i, j] = S(v_i, t_j)``; ``t_bar_i = t_{partners[i]}``. For anchor ``i``:
-    ``[a2 - S(v_i, t_bar_i) + S(v_i, t_n)]_+`` over texts ``t_n`` of other identities, and
-    ``[a2 - S(v_i, t_bar_i) + S(v_n, t_bar_i)]_+`` over images ``v_n`` of other identities, each
-    with the hardest negative. 0 when no sample has a partner.
+    ``[a2 - S(v_i, t_bar_i) + S(v_i, t_n)]_+`` over texts ``t_n`` of other identities (term 3), and
+    ``[a2 - S(v_i, t_bar_i) + S(v_n, t_bar_i)]_+`` over images ``v_n`` of other identities (term 4),
+    each with the negative ``sampling`` of :func:`tbps.losses.triplet_ranking_loss` (term 3 draws
+    first). ``margin`` is ``a2``: a number, or one per sample (:func:`adaptive_weak_margins`).
+
+    Anchors are the samples with a partner and, when ``min_margin`` is given, with
+    ``margin >= min_margin`` (SSAN skips adaptive-margin anchors below 0.16 = 0.8 alpha_1: a
+    partner caption scoring under 60 % of the matched one is no supervision). ``reduction``:
+    ``"sum"`` over the anchors (SSAN), or ``"mean"`` over them. 0 when there is no anchor.
     """
-    anchors = (partners >= 0).nonzero(as_tuple=True)[0]
+    margins = torch.as_tensor(margin, dtype=similarity.dtype, device=similarity.device)
+    margins = margins.expand(similarity.shape[0]) if margins.dim() == 0 else margins
+    keep = partners >= 0
+    if min_margin is not None:
+        keep = keep & (margins >= min_margin)
+    anchors = keep.nonzero(as_tuple=True)[0]
     if anchors.numel() == 0:
         return similarity.sum() * 0.0
     partner = partners[anchors]
+    anchor_margins = margins[anchors]
     positive = similarity[anchors, partner]  # S(v_p, t_bar_p)
     negatives = ~identity_mask(labels[anchors], labels)  # [A, B]
-    image_anchor = triplet_ranking_loss(positive, similarity[anchors], margin, negatives)  # term 3
-    partner_anchor = triplet_ranking_loss(positive, similarity[:, partner].t(), margin, negatives)  # term 4
+    image_anchor = triplet_ranking_loss(positive, similarity[anchors], anchor_margins, negatives, sampling, reduction)  # term 3
+    partner_anchor = triplet_ranking_loss(
+        positive, similarity[:, partner].t(), anchor_margins, negatives, sampling, reduction
+    )  # term 4
     return image_anchor + partner_anchor
 
 
@@ -444,6 +688,31 @@ def retrieval_vector(features: Mapping[str, Tensor]) -> Tensor:
     if "local" in features:
         parts.append(F.normalize(features["local"].float(), dim=-1))
     return torch.cat(parts, dim=-1)
+
+
+def _identity_neck(kind: str, dim: int) -> nn.Module:
+    """The normalisation before an identity classifier shared by images and captions.
+
+    ``layernorm``: each vector to zero mean and unit variance over its entries (a norm of
+    ``sqrt(dim)`` before the affine), whatever its modality; ``batchnorm``: the BNNeck of re-id
+    (Luo et al. 2019), batch statistics of the call, i.e. of one modality at a time in training.
+    """
+    if kind == "layernorm":
+        return nn.LayerNorm(dim)
+    if kind == "batchnorm":
+        return nn.BatchNorm1d(dim)
+    return nn.Identity()
+
+
+def _topic_shares(assignment: Tensor) -> Tensor:
+    """``[B, N, K]``: the channel mean of an assignment ``[B, N, K, D]``, divided by its sum over K.
+
+    For drawing only. Eq. 10's relation assignment is not normalised over the centres (softmax
+    modes are already), so the shares say which topic takes a position; 0 where none does.
+    """
+    weights = assignment.mean(dim=-1)
+    total = weights.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, weights / total.clamp(min=1e-12), torch.zeros_like(weights))
 
 
 def _masked_max(tokens: Tensor, mask: Tensor) -> Tensor:
@@ -475,14 +744,44 @@ class ISANet(PersonSearchMethod):
             raise ValueError(f"model.rgl.mode must be one of {RGL_MODES}, got {self.rgl_mode!r}")
         if self.caf_mode not in CAF_MODES:
             raise ValueError(f"model.caf.mode must be one of {CAF_MODES}, got {self.caf_mode!r}")
+        self.feature_norm = str(option(config, "feature_norm", "layernorm"))
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"model.feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
         losses = option(config, "losses", {}) or {}
+        if option(losses, "weak_margin", None) is not None:
+            raise ValueError(
+                "model.losses.weak_margin is no longer read: alpha_2 is SSAN's adaptive margin (1 + min(lambda, 1)) alpha_1 / 2 "
+                "from model.losses.weak_margin_start_epoch on, alpha_1 / 2 before (set the start epoch to null to keep alpha_1 / 2)"
+            )
         self.id_weight = float(option(losses, "id", 1.0))
         self.rank_weight = float(option(losses, "rank", 1.0))
         self.weak_weight = float(option(losses, "weak", 0.1))  # lambda_1
         self.consistency_weight = float(option(losses, "consistency", 1.0))  # lambda_2
         self.rank_margin = float(option(losses, "rank_margin", 0.2))  # alpha_1
-        self.weak_margin = float(option(losses, "weak_margin", 0.2))  # alpha_2
         self.consistency_margin = float(option(losses, "consistency_margin", 0.2))  # alpha_3
+        self.consistency_features = str(option(losses, "consistency_features", "global"))
+        if self.consistency_features not in CONSISTENCY_FEATURES:
+            raise ValueError(
+                f"model.losses.consistency_features must be one of {CONSISTENCY_FEATURES}, got {self.consistency_features!r}"
+            )
+        # eq. 18 after SSAN (zifyloo/SSAN, src/loss/RankingLoss.py): one random semi-hard negative
+        # per anchor, hinges summed over the anchors; alpha_2 adaptive from epoch 5 on (SSAN's
+        # epoch_begin), alpha_1 / 2 before; adaptive anchors with alpha_2 < 0.16 skipped.
+        self.negative_sampling = str(option(losses, "negative_sampling", "semi-hard-random"))
+        self.reduction = str(option(losses, "reduction", "sum"))
+        if self.negative_sampling not in NEGATIVE_SAMPLINGS:
+            raise ValueError(f"model.losses.negative_sampling must be one of {NEGATIVE_SAMPLINGS}, got {self.negative_sampling!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"model.losses.reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        start = option(losses, "weak_margin_start_epoch", 5)
+        self.weak_margin_start_epoch = None if start is None else int(start)
+        self.weak_min_margin = float(option(losses, "weak_min_margin", 0.16))
+        if self.weak_min_margin > self.rank_margin:
+            raise ValueError(
+                f"model.losses.weak_min_margin ({self.weak_min_margin}) above rank_margin ({self.rank_margin}) would skip every "
+                "adaptive weak-supervision anchor (alpha_2 <= alpha_1)"
+            )
+        self.register_buffer("current_epoch", torch.zeros((), dtype=torch.long))
 
         # ---- encoders
         self.image_backbone = create_image_backbone(option(config, "image_backbone"), image_size=image_size)
@@ -493,19 +792,27 @@ class ISANet(PersonSearchMethod):
         self.text_to_channels = nn.Identity() if text_width == channels else nn.Linear(text_width, channels)
         self.feature_map_size = self._feature_map_size(image_size)
 
-        # ---- image-specific information suppression
+        # ---- image-specific information suppression (RGL, or Table IV's replacements)
+        num_positions = self.feature_map_size[0] * self.feature_map_size[1]
         if self.rgl_mode == "relation":
-            theta_reduction = int(option(rgl_config, "theta_reduction", 32))  # r1
             relation_dim = option(rgl_config, "relation_dim", None)
-            relation_dim = int(relation_dim) if relation_dim else max(1, channels // int(option(rgl_config, "relation_reduction", 256)))  # C / r2
+            relation_reduction = option(rgl_config, "relation_reduction", None)
+            if relation_dim is not None and relation_reduction is not None:
+                raise ValueError("give model.rgl.relation_dim or model.rgl.relation_reduction, not both")
+            if relation_reduction is not None:  # eq. 2's r2 read as a divider of C (smaller W_a), not the paper's eqs. 3/5
+                relation_dim = max(1, channels // int(relation_reduction))
             self.localization: nn.Module = RelationGuidedLocalization(
                 channels,
-                self.feature_map_size[0] * self.feature_map_size[1],
-                theta_reduction,
-                relation_dim,
+                num_positions,
+                int(option(rgl_config, "theta_reduction", 32)),  # r1
+                None if relation_dim is None else int(relation_dim),  # None: C / r1 (eqs. 3, 5)
                 chunk_size=int(option(rgl_config, "chunk_size", 32)),
                 use_checkpoint=bool(option(rgl_config, "checkpoint", True)),
             )
+        elif self.rgl_mode == "cbam":
+            self.localization = ConvolutionalBlockAttention(channels)
+        elif self.rgl_mode == "rga":
+            self.localization = RelationAwareSpatialAttention(channels, num_positions)
         elif self.rgl_mode == "non_local":
             self.localization = NonLocalBlock2d(channels)
         else:
@@ -515,9 +822,8 @@ class ISANet(PersonSearchMethod):
         else:
             self.filtration = ChannelAttentionFiltration(channels, int(option(caf_config, "se_reduction", 16)), self.caf_mode)
 
-        # ---- global alignment (eqs. 15-16) or the baseline's shared projection
-        if not (self.use_global_alignment or self.use_local_alignment):
-            raise ValueError("at least one of model.global_alignment and model.local_alignment must be on")
+        # ---- global alignment (eqs. 15-16) or the baseline's shared projection (Table III: the
+        # Baseline row is global_alignment and local_alignment off, rgl and caf none)
         if self.use_global_alignment:
             self.image_global = nn.Linear(channels, self.global_dim)  # W_g^image, a 1x1 conv before GMP
             self.text_global = nn.Linear(channels, self.global_dim)  # W_g^text, after GMP
@@ -538,10 +844,21 @@ class ISANet(PersonSearchMethod):
         )
         # ---- identity classifiers (eq. 17): one for the global feature, one per topic; each
         # shared by images and captions so both modalities are pulled to the same class centres.
+        # A normalising neck before each (feature_norm): the image global vector (FC, then max over
+        # the map's positions) enters at norm 12.2, the caption's (max over Bi-LSTM states, then FC) at
+        # 1.3 on the synthetic benchmark at initialisation, so one un-normalised classifier would
+        # fit the images and give the captions near-uniform logits. The retrieval features and
+        # the ranking losses (cosine) are unchanged: the neck is only on the classifier's input.
         classes = max(self.num_classes, 1)
         self.global_identity = IdentityLoss(self.global_dim, classes)
+        self.global_identity_norm = _identity_neck(self.feature_norm, self.global_dim)
         self.local_identity = (
             nn.ModuleList([IdentityLoss(self.local_dim, classes) for _ in range(self.num_centres)]) if self.use_local_alignment else None
+        )
+        self.local_identity_norm = (
+            nn.ModuleList([_identity_neck(self.feature_norm, self.local_dim) for _ in range(self.num_centres)])
+            if self.use_local_alignment
+            else None
         )
 
     def _feature_map_size(self, image_size: tuple[int, int] | None) -> tuple[int, int]:
@@ -579,12 +896,16 @@ class ISANet(PersonSearchMethod):
         localized = self.localization(backbone_map)
         return {"backbone": backbone_map, "localized": localized, "filtered": self.filtration(localized)}
 
+    def _image_global_feature(self, feature_map: Tensor) -> Tensor:
+        """The global image feature of a ``[B, C, H, W]`` map: eq. 15 (FC, then GMP), or the baseline's GMP then shared FC."""
+        positions = feature_map.flatten(2).transpose(1, 2)  # [B, N, C]
+        if self.use_global_alignment:
+            return self.image_global(positions).amax(dim=1)  # eq. 15: FC, then GMP
+        return self.shared_global(positions.amax(dim=1))
+
     def _image_features(self, filtered: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         positions = filtered.flatten(2).transpose(1, 2)  # [B, N, C]
-        if self.use_global_alignment:
-            global_feature = self.image_global(positions).amax(dim=1)  # eq. 15: FC, then GMP
-        else:
-            global_feature = self.shared_global(positions.amax(dim=1))
+        global_feature = self._image_global_feature(filtered)
         if self.local_alignment is None:
             return global_feature, None, None
         local, assignment = self.local_alignment(positions, "image")
@@ -621,29 +942,30 @@ class ISANet(PersonSearchMethod):
     # ------------------------------------------------------------------ visualisation
     @torch.no_grad()
     def explain_image(self, images: Tensor) -> dict[str, Tensor]:
-        """What to draw over an image: the RGL attention (channel mean of ``A``, [B, H, W]; ones
-        without RGL) and each topic centre's assignment over positions ([B, K, H, W], channel mean)."""
+        """What to draw over an image: the RGL attention (channel mean of ``A``, [B, H, W]; that of
+        CBAM / RGA in their modes; ones without one) and each topic centre's share of every position
+        ([B, K, H, W]: the channel mean of the assignment, divided by its sum over the K centres)."""
         maps = self.image_maps(images)
         backbone_map = maps["backbone"]
         batch, _, height, width = backbone_map.shape
-        if isinstance(self.localization, RelationGuidedLocalization):
+        if hasattr(self.localization, "attention"):  # RGL, CBAM, RGA: F~ = F (.) attention(F)
             attention = self.localization.attention(backbone_map).mean(dim=1)
-        else:
+        else:  # Non-Local (additive) or none
             attention = backbone_map.new_ones(batch, height, width)
         result = {"rgl_attention": attention}
         if self.local_alignment is not None:
             _, _, assignment = self._image_features(maps["filtered"])
-            result["topic_assignment"] = assignment.mean(dim=-1).transpose(1, 2).reshape(batch, -1, height, width)
+            result["topic_assignment"] = _topic_shares(assignment).transpose(1, 2).reshape(batch, -1, height, width)
         return result
 
     @torch.no_grad()
     def explain_text(self, text: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Each topic centre's assignment over the words, ``[B, K, L]`` (channel mean; 0 on padding)."""
+        """Each topic centre's share of every word, ``[B, K, L]`` (as :meth:`explain_image`; 0 on padding)."""
         tokens, mask = self.text_tokens(text)
         if self.local_alignment is None:
             return {}
         _, _, assignment = self._text_features(tokens, mask)
-        return {"topic_assignment": assignment.mean(dim=-1).transpose(1, 2)}
+        return {"topic_assignment": _topic_shares(assignment).transpose(1, 2)}
 
     def _explain_pair(
         self, image: Tensor, texts: Sequence[str], processor: TextProcessor
@@ -682,14 +1004,15 @@ class ISANet(PersonSearchMethod):
         """The RGL attention ``A`` over the image (eq. 5, channel mean: low on suppressed
         background) and each topic centre's soft assignment over the image positions (eq. 10),
         labelled with the caption's words assigned to it most (eq. 13) and their weights."""
-        with_rgl = isinstance(self.localization, RelationGuidedLocalization)
+        with_rgl = hasattr(self.localization, "attention")
         if self.local_alignment is None and not with_rgl:
             return None
         processor = self.build_text_processor()
         image_result, text_batch, text_result = self._explain_pair(image, [text], processor)
         rows = {}
         if with_rgl:
-            rows["RGL attention"] = (["RGL attention (channel mean)"], image_result["rgl_attention"].float().cpu())
+            title = {"relation": "RGL", "cbam": "CBAM", "rga": "RGA"}[self.rgl_mode] + " attention"
+            rows[title] = ([f"{title} (channel mean)"], image_result["rgl_attention"].float().cpu())
         if self.local_alignment is not None:
             from tbps.text.tokenizers import WordPieceTokenizer, token_strings
 
@@ -718,16 +1041,18 @@ class ISANet(PersonSearchMethod):
 
         losses: dict[str, Tensor] = {}
         if self.id_weight:
-            # eq. 17: L_id = L_id^g + sum_k L_id^{l_k}, each on the image and the caption feature.
+            # eq. 17: L_id = L_id^g + sum_k L_id^{l_k}, each on the image and the caption feature,
+            # through the normalising neck (feature_norm), one call per modality.
+            neck = self.global_identity_norm
             losses["id_global"] = self.id_weight * (
-                self.global_identity(image_global, labels) + self.global_identity(text_global, labels)
+                self.global_identity(neck(image_global), labels) + self.global_identity(neck(text_global), labels)
             )
             if image_local is not None:
                 losses["id_local"] = self.id_weight * sum(
-                    classifier(image_local[:, k], labels) + classifier(text_local[:, k], labels)
-                    for k, classifier in enumerate(self.local_identity)
+                    classifier(neck(image_local[:, k]), labels) + classifier(neck(text_local[:, k]), labels)
+                    for k, (classifier, neck) in enumerate(zip(self.local_identity, self.local_identity_norm))
                 )
-        # eqs. 18-19, for z = g and z = l (the concatenated topics).
+        # eqs. 18-19, for z = g and z = l (the concatenated topics), after SSAN's CRLoss.
         scales = [("global", image_global, text_global)]
         if image_local is not None:
             scales.append(("local", image_local.flatten(1), text_local.flatten(1)))
@@ -735,22 +1060,43 @@ class ISANet(PersonSearchMethod):
             similarity = cosine_matrix(image_feature, text_feature)  # S[i, j] = S(v_i, t_j)
             if self.rank_weight:
                 losses[f"rank_{name}"] = self.rank_weight * bidirectional_ranking_loss(
-                    similarity, same_identity, self.rank_margin, sampling="hardest"
+                    similarity, same_identity, self.rank_margin, self.negative_sampling, self.reduction
                 )
             if self.rank_weight and self.weak_weight:
+                if self.weak_margin_adaptive():
+                    weak_margin: float | Tensor = adaptive_weak_margins(similarity, partners, self.rank_margin)
+                    min_margin: float | None = self.weak_min_margin
+                else:
+                    weak_margin, min_margin = self.rank_margin / 2.0, None
                 losses[f"rank_{name}_weak"] = (
                     self.rank_weight
                     * self.weak_weight
-                    * weak_supervision_ranking_loss(similarity, partners, labels, self.weak_margin)
+                    * weak_supervision_ranking_loss(
+                        similarity, partners, labels, weak_margin, self.negative_sampling, self.reduction, min_margin
+                    )
                 )
-        # eq. 20: f~ = GAP(F~), f^ = GAP(F^), hardest in-batch negatives of another identity, both directions.
+        # eq. 20: hardest in-batch negatives of another identity, both directions, on the image's
+        # global feature computed from F~ and from F^ (consistency_features: global), or on
+        # f~ = GAP(F~), f^ = GAP(F^) as printed (gap), where the hinge cannot open: see the module docstring.
         if self.consistency_weight and self.caf_mode == "caf":
-            before = maps["localized"].mean(dim=(2, 3))
-            after = maps["filtered"].mean(dim=(2, 3))
+            if self.consistency_features == "global":
+                before, after = self._image_global_feature(maps["localized"]), image_global
+            else:
+                before, after = maps["localized"].mean(dim=(2, 3)), maps["filtered"].mean(dim=(2, 3))
             losses["consistency"] = self.consistency_weight * bidirectional_ranking_loss(
-                cosine_matrix(before, after), same_identity, self.consistency_margin, sampling="hardest"
+                cosine_matrix(before, after), same_identity, self.consistency_margin, "hardest", self.reduction
             )
         return losses
+
+    # ------------------------------------------------------------------ schedule
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the method the training epoch (SSAN's adaptive alpha_2 starts at ``weak_margin_start_epoch``)."""
+        self.current_epoch.fill_(int(epoch))
+
+    def weak_margin_adaptive(self, epoch: int | None = None) -> bool:
+        """Whether eq. 18's alpha_2 is the adaptive margin at ``epoch`` (default: the current one)."""
+        epoch = int(self.current_epoch) if epoch is None else int(epoch)
+        return self.weak_margin_start_epoch is not None and epoch >= self.weak_margin_start_epoch
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The image backbone (and a pretrained BERT-family text encoder) at the backbone rate.

@@ -34,6 +34,7 @@ __all__ = [
     "identity_mask",
     "identity_match_targets",
     "sample_semi_hard_negatives",
+    "sdm_loss",
     "similarity_kl_alignment",
     "soft_target_cross_entropy",
     "triplet_ranking_loss",
@@ -131,6 +132,41 @@ def cmpm_loss(
     return _kl_to_targets(image_on_text, targets, epsilon) + _kl_to_targets(
         text_on_image, targets, epsilon
     )
+
+
+def sdm_loss(
+    image_embeddings: Tensor,
+    text_embeddings: Tensor,
+    person_ids: Tensor,
+    logit_scale: Tensor | float,
+    image_ids: Tensor | None = None,
+    same_identity_weight: float = 0.3,
+    epsilon: float = 1e-8,
+) -> Tensor:
+    """Similarity Distribution Matching (IRRA, Jiang & Ye, CVPR 2023, eqs. 2-4), both directions summed.
+
+    ``p_ij = softmax_j(logit_scale * cos(I_i, T_j))`` (eq. 2; IRRA fixes ``logit_scale = 1/0.02``),
+    ``q_ij = y_ij / sum_k y_ik`` with ``y_ij = 1`` for a shared person id (eq. 3),
+    ``L_i2t = mean_i KL(p_i || q_i)`` with ``log(q + eps)`` (eq. 4), plus ``L_t2i`` with the texts
+    in rows. It is CMPM with cosine logits and a temperature. With ``image_ids`` (IRRA's optional
+    form), same-image pairs get ``y = 1`` and other same-identity pairs ``same_identity_weight``.
+
+    Args:
+        image_embeddings, text_embeddings: ``[B, D]``; row ``i`` of each is pair ``i``.
+        person_ids: ``[B]`` person id of pair ``i``.
+        logit_scale: ``1 / tau``, a float or a (learnable) scalar tensor.
+        image_ids: ``[B]`` which image pair ``i`` shows, or ``None``.
+    """
+    image_unit = F.normalize(image_embeddings, dim=1)
+    text_unit = F.normalize(text_embeddings, dim=1)
+    image_to_text = logit_scale * (image_unit @ text_unit.t())  # [B, B], images in rows
+    matches = identity_mask(person_ids).to(image_to_text.dtype)
+    if image_ids is not None:
+        same_image = identity_mask(image_ids).to(matches.dtype)
+        matches = same_image + same_identity_weight * (matches - same_image)
+    targets = matches / matches.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    # y is symmetric, so q with texts in rows is the same matrix.
+    return _kl_to_targets(image_to_text, targets, epsilon) + _kl_to_targets(image_to_text.t(), targets, epsilon)
 
 
 class CMPCLoss(nn.Module):

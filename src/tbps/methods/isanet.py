@@ -67,9 +67,9 @@ its batch norms keep per-modality statistics because images and captions are enc
 calls (one shared running average would mix two different distributions at test time).
 
 Identity loss (eq. 17): one classifier per feature shared by images and captions. Un-normalised,
-the image global vector (FC then GMP over positions) enters it at norm 12.2 and the caption's at
-1.3 with RGL + CAF on the synthetic benchmark at initialisation (the issue: 6.9 vs 1.1 without
-them), so it fits images only (the failure ACSA's ``feature_norm`` fixed). ``feature_norm`` puts a neck
+the image global vector (FC then GMP over positions) enters it at norm 22.7 and the caption's at
+1.2 with RGL + CAF on the synthetic benchmark at initialisation (8x3 map; 12.2 vs 1.3 on the 4x1
+map; the issue: 6.9 vs 1.1 without RGL and CAF), so it fits images only (the failure ACSA's ``feature_norm`` fixed). ``feature_norm`` puts a neck
 before every classifier: ``layernorm`` (default; both at ``sqrt(d)`` before the affine),
 ``batchnorm`` (BNNeck, per-call statistics, i.e. per modality) or ``none``. Retrieval features and
 the (cosine) ranking losses do not go through it.
@@ -100,16 +100,17 @@ local batch (not all-gathered): partners are found from the batch's caption stri
 Content consistency (eq. 20) and why it is not on GAP: ``GAP(IN(F~)) = beta`` for every input, so
 ``GAP(F^) = GAP(F~_IN + w (.) R + F~) = (1 + w) (.) GAP(F~) + (1 - w) (.) beta`` exactly: the
 vector after CAF is the one before it, rescaled channel-wise by 1 + w in (1, 2), plus the shared
-beta. ``S(f~, f^)`` is then 0.997-1.000 while different identities stay at 0.20-0.24 (hardest
-negative) on the synthetic benchmark, and no hinge opens at ``alpha_3 = 0.2`` (0 of 64 anchors at
-each of 6 checks over 50 training steps): ``L_cons = 0`` and "w/o L_cons" is the same model. Dropping
-the ``+ F~`` skip from ``f^`` or pooling with GMP does not change that (0 of 64). The
-``consistency_features: global`` default (ours) compares the image's global feature computed from
-``F~`` and from ``F^`` (eq. 15's GMP(W_g .), or the baseline's projection without GA): the space
-the ranking hinges act in, where CAF's ``gamma``, ``beta`` and ``w`` all show, and the hinge at
-``alpha_3 = 0.2`` was open for 42-77 % of the anchors at steps 10-50 of the same run (0 % at
-step 0: the loss starts once training has pulled different identities' global features together).
-``consistency_features: gap`` is eq. 20 as printed. ``losses.reduction`` applies to eq. 20 too.
+beta. On the synthetic benchmark (batch 64, 8x3 map) ``S(f~, f^)`` stays at 0.995-1.000 while the
+hardest other identity is at 0.24-0.29, and no hinge opens at ``alpha_3 = 0.2`` (0 of 64 anchors
+at each check over 40 training steps; 4x1 map: 0 of 64 over 50 steps): ``L_cons = 0``, and
+"w/o L_cons" is the same model. Dropping the ``+ F~`` skip from ``f^`` or pooling with GMP does not
+change that (0 of 64). The ``consistency_features: global`` default (ours) compares the image's
+global feature computed from ``F~`` and from ``F^`` (eq. 15's GMP(W_g .), or the baseline's
+projection without GA): the space the ranking hinges act in, where CAF's ``gamma``, ``beta`` and
+``w`` all show. There the loss is 5.9 at step 0 and falls to 0.74, 0.60, 0.20, 0.13 at steps 10-40
+(sum over the 2 x 64 anchor terms); without it (the GAP run, 4x1 map) the hinge had drifted open
+for 42-77 % of the anchors by steps 10-50. ``consistency_features: gap`` is eq. 20 as printed.
+``losses.reduction`` applies to eq. 20 too.
 
 Ablation switches (Tables III-V), under ``model``:
 
@@ -525,7 +526,7 @@ class ImplicitLocalAlignment(nn.Module):
     * ``relation``: ``a_{i,j} = r(z_i, c_j) = ReLU(BN(W^l (z_theta_i - c_phi_j)))``, the relation
       function of eq. 2 with ``W^l in R^{d_c x d_c/r3}`` (a ``d_c``-vector per pair), used as printed
       in eq. 10: no softmax over the centres. (A softmax over K of these rectified, unit-variance
-      relation vectors is nearly flat: channel means 0.148-0.186 around 1/6 at K = 6 at
+      relation vectors is nearly flat: channel means 0.145-0.186 around 1/6 at K = 6 at
       initialisation on the synthetic benchmark, every entry positive; as printed, half of the
       entries are exact zeros of the ReLU, so each channel of a position feeds only some topics.)
       The centres go through the batch norm with their own statistics in training and at test
@@ -845,8 +846,8 @@ class ISANet(PersonSearchMethod):
         # ---- identity classifiers (eq. 17): one for the global feature, one per topic; each
         # shared by images and captions so both modalities are pulled to the same class centres.
         # A normalising neck before each (feature_norm): the image global vector (FC, then max over
-        # the map's positions) enters at norm 12.2, the caption's (max over Bi-LSTM states, then FC) at
-        # 1.3 on the synthetic benchmark at initialisation, so one un-normalised classifier would
+        # the map's positions) enters at norm 22.7, the caption's (max over Bi-LSTM states, then FC)
+        # at 1.2 on the synthetic benchmark at initialisation, so one un-normalised classifier would
         # fit the images and give the captions near-uniform logits. The retrieval features and
         # the ranking losses (cosine) are unchanged: the neck is only on the classifier's input.
         classes = max(self.num_classes, 1)

@@ -781,6 +781,24 @@ def test_table_iii_baseline_is_ssan_without_its_part_branch():
         torch.testing.assert_close(text["global"], method.shared_global(real_max), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["relation", "rga", "cbam"])
+def test_no_module_assumes_a_map_size(mode):
+    # 96x32 gives EfficientNet-Lite0 a 3 x 1 map (last stride 1 would give 6 x 2): the position-
+    # specific modules are sized from the backbone's answer, the rest works on any map.
+    torch.manual_seed(0)
+    size = (96, 32)
+    method = create_method("isanet", tiny_config(rgl={"mode": mode}), num_classes=3, image_size=size)
+    method.fit_text(CAPTIONS)
+    batch = make_batch(method)
+    batch["images"] = torch.randn(6, 3, *size)
+    method.train()
+    losses = method(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    height, width = method.feature_map_size
+    assert (height, width) == tuple(method.image_backbone(batch["images"][:1]).feature_maps[-1].shape[2:])
+    assert method.explain_image(batch["images"])["rgl_attention"].shape == (6, height, width)
+
+
 def test_invalid_switches_are_rejected():
     with pytest.raises(ValueError, match="rgl.mode"):
         build(rgl={"mode": "se"})

@@ -15,7 +15,11 @@ Reads like the paper:
    plus the head). ``region_stage`` / ``patch_stage`` index the factory's stage-map list, not a
    stride: with ``image_backbone.last_stride: 1`` the last stage keeps 1/16 (the paper's setting)
    and the branches, deep copies of the backbone's own (already stride-1) stages, end at the
-   global map's size too.
+   global map's size too. The network asks the backbone, not its class: ``backbone.stages``
+   (one map per stage) and ``backbone.stage_tail(i)`` (a copy of the stages after map ``i``), so
+   any staged backbone (Swin-T too) gets a staircase. A single-stage backbone (a ViT, CLIP)
+   has no earlier map to branch from: ``image_network: staircase`` is refused with a message
+   naming ``model.image_network=plain``, which cuts regions and patches from its patch map.
 2. **Textual features** (Sec. 3.2): a locality-constrained BERT. The sentence [CLS] and every
    word token come from an ordinary BERT pass; each comma-separated sub-sentence gets its own
    [CLS] whose attention sees only the sub-sentence's tokens (eq. 1). See
@@ -64,7 +68,6 @@ Other options: ``losses.csal_scale`` (the CSAL softmax scale, 20), ``losses.csal
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -83,7 +86,7 @@ from tbps.models.attention import (
 )
 from tbps.models.backbones import create_image_backbone, create_text_backbone
 from tbps.models.backbones.common import option
-from tbps.models.backbones.image import EfficientNetLite0, ImageBackbone, ResNet50
+from tbps.models.backbones.image import ImageBackbone
 from tbps.models.backbones.text import BiLSTMText, TextBackbone, TransformerText
 from tbps.models.base import Features, PersonSearchMethod, TextProcessor, index_features, pool_tokens
 from tbps.models.registry import register_method
@@ -125,45 +128,21 @@ def split_and_shuffle(feature_map: Tensor, num_stripes: int, generator: torch.Ge
     return feature_map.gather(2, index)
 
 
-class _EfficientNetTail(nn.Module):
-    """EfficientNet-Lite0 blocks from some index to the end, plus the head, with drop-connect."""
-
-    def __init__(self, blocks: Sequence[nn.Module], first_index: int, total_blocks: int, rate: float, head: nn.Module):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.first_index = first_index
-        self.total_blocks = total_blocks
-        self.drop_connect_rate = rate
-        self.head = head
-
-    def forward(self, x: Tensor) -> Tensor:
-        for offset, block in enumerate(self.blocks):
-            index = self.first_index + offset
-            rate = self.drop_connect_rate * index / self.total_blocks if self.training else None
-            x = block(x, drop_connect_rate=rate)
-        return self.head(x)
-
-
 def backbone_tail(backbone: ImageBackbone, after_map: int) -> nn.Module:
     """A deep copy of the backbone stages that follow stage map ``after_map`` (to the end).
 
     A copy, not shared weights: each staircase branch learns its own stages, initialised from
-    the same (pretrained) weights as the global branch, as in the paper's Fig. 2.
+    the same (pretrained) weights as the global branch, as in the paper's Fig. 2. The backbone
+    builds it (:meth:`ImageBackbone.stage_tail`); one that cannot re-run its stages (a single
+    map: ViT, CLIP) is refused here with the option that works for it.
     """
-    num_maps = len(backbone.channels)
-    index = after_map % num_maps
-    if index >= num_maps - 1:
-        raise ValueError(f"branch point {after_map} is the last stage map; no stage follows it")
-    if isinstance(backbone, ResNet50):
-        return nn.Sequential(*copy.deepcopy(list(backbone.layers[index + 1 :])))
-    if isinstance(backbone, EfficientNetLite0):
-        first = backbone.stage_ends[index] + 1
-        blocks = copy.deepcopy(list(backbone.blocks[first:]))
-        return _EfficientNetTail(blocks, first, len(backbone.blocks), backbone.drop_connect_rate, copy.deepcopy(backbone.head))
-    raise ValueError(
-        f"the staircase network needs a CNN with stage maps (resnet50, efficientnet_lite0), got {type(backbone).__name__}; "
-        f"use model.image_network=plain for other image backbones"
-    )
+    if not backbone.can_rerun_stages:
+        raise ValueError(
+            f"NAFS's staircase network branches from earlier stage maps, and image backbone {backbone.name!r} has "
+            f"{len(backbone.stages)} stage map(s) it can re-run from none of; set model.image_network=plain (regions "
+            f"and patches cut from its final map) or use a staged CNN (resnet50, efficientnet_lite0, swin_t)"
+        )
+    return backbone.stage_tail(after_map)
 
 
 @dataclass

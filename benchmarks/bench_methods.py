@@ -1,5 +1,7 @@
 """Train every method (and its ablation rows) with the same backbones, data and budget on the
 synthetic benchmark, then score each best-on-val checkpoint's test features several ways.
+``--seeds 0 1 2`` trains every named run once per seed (keys ``NAME@seedN``; seed 0 keeps the
+bare name) and prints the mean ± half-range over seeds.
 
     python benchmarks/bench_methods.py --data /tmp/bench1/data --out /tmp/tbps-methods \
         --runs baseline nafs nafs-global acsa acsa-I+II ...
@@ -7,16 +9,19 @@ synthetic benchmark, then score each best-on-val checkpoint's test features seve
 
 Generate the data first (the demo's 500 identities): `tbps data synth --out /tmp/bench1/data
 --identities 500 --seed 0`. Every run gets the COMMON overrides below: EfficientNet-Lite0 with its
-first two stages frozen at 128x48, MiniLM with its first three layers frozen (the Bi-LSTM runs:
-trained from scratch), batch 64, 6 epochs of the caption-level random sampler (53 steps each); the
-identity-sampled ISANet runs get the epochs that give the same number of steps. A run whose
+first two stages frozen at 128x48 with last stride 1 (final map 8x3: see bench_resolution.py for
+why this setting), MiniLM with its first three layers frozen (the Bi-LSTM runs: trained from
+scratch), batch 64, 6 epochs of 53 steps (an epoch is a pass over the 3,443 training captions
+with either sampler, so ISANet's identity sampler gets the same 318 steps). A run whose
 ``report.json`` already exists is not trained again (``--adopt NAME=RUN_DIR`` copies in a run
 trained elsewhere with the same settings, e.g. the demo's baseline).
 
 For each best-on-val checkpoint the test split is encoded once (timed) and scored by:
 ``method`` (the method's own test similarity), ``global`` (global cosine only), ``rvn`` (the
 method's similarity re-ranked by the shared RVN), and for methods with a fine scorer
-``two-stage@k`` (global top-k re-scored by ``score_candidates``; LAIP's ITM) for each ``--top-k``.
+``two-stage@k`` (global top-k re-scored by ``score_candidates``; LAIP's ITM) for each ``--top-k``,
+and ``local`` (the fine score alone, e.g. NAFS's eq. 5) for methods whose ``test_similarity``
+offers it.
 Results go to ``OUT/results.json`` (one entry per run) and are printed as markdown tables.
 """
 
@@ -47,6 +52,7 @@ COMMON = [
     "data.sampler=random",
     "model.image_backbone.name=efficientnet_lite0",
     "model.image_backbone.freeze_stages=2",
+    "model.image_backbone.last_stride=1",  # final map 8x3 (4x1 with stride 2)
     f"trainer.max_epochs={EPOCHS}",
     "trainer.progress_bar=false",
     "optim.warmup_epochs=0.5",
@@ -58,9 +64,9 @@ BILSTM_BASELINE = [
     "model.text_backbone.hidden_size=512",
     "model.text_backbone.min_count=2",
 ]
-# ISANet's identity sampler (16 identities x 4 captions) covers the 350 training identities in 22
-# steps: 15 epochs = 330 steps ~ the 318 of the others.
-ISANET = ["data.sampler=identity", "data.num_instances=4", "trainer.max_epochs=15", "optim.warmup_epochs=1.25",
+# ISANet's identity sampler (16 identities x 4 captions); its epoch is a pass over the captions (53
+# steps), as the random sampler's.
+ISANET = ["data.sampler=identity", "data.num_instances=4",
           "optim.lr=1.0e-2"]  # the paper's lr for the new layers (backbone x0.1 = its 1e-3)
 # LAIP: ALBEF fine-tunes its pretrained encoders at 1e-4; the fusion's cross-attention blocks are
 # new here, so they get 10x that as every other method's new layers do. Stage 2 (all losses)
@@ -91,6 +97,7 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "acsa-I": ("acsa/synthetic", MINILM + ["model.relations=I"]),                            # Table V row 1
     "acsa-I+II": ("acsa/synthetic", MINILM + ["model.relations=I+II"]),                      # Table V row 2
     "acsa-I-IV": ("acsa/synthetic", MINILM + ["model.relations=I-IV"]),                      # Table V row 4
+    "acsa-channel": ("acsa/synthetic", MINILM + ["model.region_source=channel"]),            # regions as the public code's channel chunks
     # Diagnostic: ACSA's global branch with the baseline's CMPC weight (mu = 1 instead of 4).
     "acsa-I-cmpc1": ("acsa/synthetic", MINILM + ["model.relations=I", "model.losses.cmpc=1.0"]),
     "acsa-I-baseline-recipe": ("acsa/synthetic", MINILM + ACSA_BASELINE_RECIPE + ["model.relations=I"]),
@@ -99,6 +106,13 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "isanet-GA": ("isanet/synthetic", ISANET + ["model.local_alignment=false", "model.rgl.mode=none", "model.caf.mode=none"]),
     "isanet-GA+ILA": ("isanet/synthetic", ISANET + ["model.rgl.mode=none", "model.caf.mode=none"]),
     "isanet-GA+ILA+RGL": ("isanet/synthetic", ISANET + ["model.caf.mode=none"]),
+    # Table III "Baseline": no GA (shared projection of the pooled map), no ILA, no RGL, no CAF.
+    "isanet-baseline": ("isanet/synthetic", ISANET + ["model.global_alignment=false", "model.local_alignment=false",
+                                                      "model.rgl.mode=none", "model.caf.mode=none"]),
+    # Table IV: RGL replaced by CBAM or RGA-S (the rest of ISANet as is).
+    "isanet-cbam": ("isanet/synthetic", ISANET + ["model.rgl.mode=cbam"]),
+    "isanet-rga": ("isanet/synthetic", ISANET + ["model.rgl.mode=rga"]),
+    "isanet-no-cons": ("isanet/synthetic", ISANET + ["model.losses.consistency=0"]),           # the "w/o L_cons" ablation
     "laip": ("laip/synthetic", MINILM + LAIP),
     # Table IV: row 1 ITC + ITM; rows 3-5 + one attention (no MPM, no triplet); 8 = laip (all).
     # Row 2 is row 1 fine-tuned on COCO first: no switch, no offline data.
@@ -153,12 +167,18 @@ def score_run(name: str, report: dict, top_ks: list[int]) -> dict:
     if has_fine_scorer:
         modes.append(("global", {}))
         modes += [(f"two-stage@{k}", {"rerank": "two-stage", "top_k": k}) for k in top_ks]
+    if getattr(method, "test_similarity", None) == "global+local":
+        modes.append(("local", {"rerank": "none"}))
     scores = {}
     for mode, options in modes:
         started = time.perf_counter()
         with torch.inference_mode():
             if mode == "global":
                 similarity = method.global_similarity(text_features, image_features)
+            elif mode == "local":
+                method.test_similarity = "local"  # the fine score alone (NAFS eq. 5), same features
+                similarity = score_features(method, text_features, image_features, **options)
+                method.test_similarity = "global+local"
             else:
                 similarity = score_features(method, text_features, image_features, **options)
         seconds = time.perf_counter() - started

@@ -5,6 +5,17 @@ The learning-rate schedule (:class:`EpochSchedule`) is given in epochs and appli
 optimisation step, for every ``optim.scheduler`` kind: ``optim.warmup_epochs`` of linear warm-up,
 then cosine (to ``min_lr_ratio``), multistep (``gamma`` at each of ``milestones``) or constant;
 ``optim.restart_epochs`` starts warm-up and decay again at those epochs (LAIP's second stage).
+
+Under DDP (``trainer.devices`` > 1), checked on two processes by ``tests/test_ddp.py``:
+
+* batch-level losses see every process's samples through ``method.gather`` (an all-gather that
+  keeps gradients), and the gradient the optimiser gets is the single-process gradient of the
+  loss on the concatenated batch, with no rescaling (see :meth:`PersonSearchModule.setup`);
+* every process validates on the whole val split, so val metrics (and ``best.ckpt``'s choice)
+  are the same on every rank;
+* a non-finite loss on any process stops every process together
+  (:meth:`PersonSearchModule.stop_if_not_finite`), instead of leaving the others waiting in
+  the next collective.
 """
 
 from __future__ import annotations
@@ -158,6 +169,15 @@ def upgrade_scheduler_states(checkpoint: dict[str, Any]) -> None:
             state.update(last_epoch=step, _step_count=step + 1, lr_lambdas=[None] * len(state.get("base_lrs", [])))
 
 
+def seed_batch(seed: int, *, epoch: int, batch_idx: int, rank: int) -> None:
+    """Seed torch, numpy and ``random`` for one training batch of one process, from
+    ``(seed, epoch, batch, rank)`` alone (see :meth:`PersonSearchModule.on_train_batch_start`)."""
+    state = int(np.random.SeedSequence([int(seed), int(epoch), int(batch_idx), int(rank)]).generate_state(1)[0])
+    torch.manual_seed(state)
+    np.random.seed(state % 2**32)
+    random.seed(state)
+
+
 class PersonSearchModule(L.LightningModule):
     def __init__(self, config: Any, num_classes: int, label_map: dict[int, int] | None = None) -> None:
         super().__init__()
@@ -176,6 +196,14 @@ class PersonSearchModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.world_size > 1:
             # Batch-level losses compare against every process's samples; gradients flow back.
+            # Their scale needs no correction: each of the W processes computes the loss L of the
+            # whole gathered batch; the all-gather's backward (torch.distributed.nn's, a
+            # reduce-scatter) sums over processes the gradients reaching each process's own rows,
+            # so process r holds W * dL/d(rows of r); DDP then averages over the W processes,
+            # which leaves sum_r dL/d(rows of r) * d(rows of r)/d(theta) = dL/d(theta): the
+            # gradient of one process computing L on the concatenated batch (measured on 2
+            # processes: relative difference 5e-10). A loss over a process's own rows only (CMPC,
+            # ID) is averaged by DDP like any per-sample mean.
             self.method.gather = lambda tensor: self.all_gather(tensor, sync_grads=True).flatten(0, 1)
 
     def on_fit_start(self) -> None:
@@ -193,22 +221,42 @@ class PersonSearchModule(L.LightningModule):
         # Data-side randomness already derives from (seed, epoch, index) in the dataset.
         # (Lightning's global_step still reads 0 at the first batch after a restore, so the
         # epoch and batch index are used instead.)
-        seed = int(np.random.SeedSequence([int(self.config["seed"]), self.current_epoch, batch_idx, self.global_rank]).generate_state(1)[0])
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+        seed_batch(int(self.config["seed"]), epoch=self.current_epoch, batch_idx=batch_idx, rank=self.global_rank)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self.method(batch)
         total = torch.stack(list(losses.values())).sum()
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}: { {k: float(v) for k, v in losses.items()} }")
+        self.stop_if_not_finite(total, losses)
         batch_size = batch["images"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=batch_size)
         self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return total
+
+    def stop_if_not_finite(self, total: Tensor, losses: Mapping[str, Tensor]) -> None:
+        """Raise FloatingPointError, on every process at once, when any process's loss is not finite.
+
+        Under DDP a process that raised alone would leave the others waiting in their next
+        collective (the all-gather of a batch-level loss, DDP's gradient all-reduce): with NCCL
+        until the process group's timeout (30 min by default), with gloo until the dead peer's
+        socket closes, and then with a connection error instead of this one. So every process
+        shares its finiteness flag (one all-gather of one value per step) and all raise together,
+        naming the process(es) whose loss was not finite.
+        """
+        finite = torch.isfinite(total.detach())
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if world_size > 1:
+            flags = self.all_gather(finite.to(torch.int32)).reshape(-1).tolist()
+            failed = [rank for rank, flag in enumerate(flags) if not flag]
+        else:
+            failed = [] if bool(finite) else [0]
+        if failed:
+            own = {name: float(value.detach()) for name, value in losses.items()}
+            raise FloatingPointError(
+                f"non-finite loss at step {self.global_step} on rank(s) {failed} of {world_size}; "
+                f"this process's (rank {self.global_rank}) losses: {own}. Every rank stops"
+            )
 
     # ------------------------------------------------------------------ validation (R@1 on val)
     def on_validation_epoch_start(self) -> None:

@@ -42,8 +42,7 @@ DISTRIBUTED_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP
 
 
 def _config(data_root: Path, output_dir: Path, *extra: str) -> dict:
-    from tbps.config import load_config
-    from tbps.config import to_container
+    from tbps.config import load_config, to_container
 
     return to_container(load_config("baseline/synthetic", [
         f"data.root={data_root}", "data.image_size=[64,32]", f"data.batch_size={BATCH_SIZE}", "data.eval_batch_size=64",

@@ -52,25 +52,34 @@ def methods_command() -> None:
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train_command(
-    config: str = typer.Option("baseline/synthetic", "--config", "-c", help="YAML path or method/dataset name under configs/"),
-    resume: Optional[Path] = typer.Option(None, help="run directory or checkpoint to continue exactly"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML path or method/dataset name under configs/ (default: baseline/synthetic; with --resume: the checkpoint's config)"),
+    resume: Optional[Path] = typer.Option(None, help="run directory or checkpoint to continue exactly; overrides may then change only trainer.max_epochs, trainer.progress_bar, trainer.log_every_n_steps, data.num_workers, data.eval_batch_size, data.check_images"),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides, e.g. optim.lr=3e-4"),
 ) -> None:
-    """Train a method; the resolved config is saved beside the run and inside every checkpoint."""
+    """Train a method; the resolved config is saved beside the run and inside every checkpoint.
+
+    Before training, every split, identity count, batch, image (data.check_images: exists |
+    decode) and data.image_size is checked; a failure names the setting to change.
+    """
     from tbps.config import load_config
     from tbps.engine.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        cfg = load_config(config, overrides or [])
-        result = train(cfg, resume=resume)
+        if resume is not None and config is None:
+            # The checkpoint's own config, changed only by the overrides a resume allows.
+            result = train(None, resume=resume, overrides=overrides or [])
+        else:
+            cfg = load_config(config or "baseline/synthetic", overrides or [])
+            result = train(cfg, resume=resume)
     except USER_ERRORS as error:
         fail(str(error))
     rows = {
         f"{tag} (epoch {entry['epoch']})": entry["test"] for tag, entry in result.report.get("checkpoints", {}).items()
     }
     if rows:
-        console.print(metrics_table("test split (selected on val)", rows))
+        selected = "selected on val" if result.report.get("selection", "").startswith("best") else "no val split: the last checkpoint is the result"
+        console.print(metrics_table(f"test split ({selected})", rows))
     console.print(f"run directory: {result.run_dir}")
 
 
@@ -83,17 +92,16 @@ def eval_command(
     top_k: Optional[int] = typer.Option(None, help="candidates kept by two-stage scoring (default: eval.top_k)"),
     dataset: Optional[str] = typer.Option(None, help="override the dataset stored in the checkpoint"),
     root: Optional[Path] = typer.Option(None, help="override the dataset root stored in the checkpoint"),
-    image_to_text: bool = typer.Option(False, "--i2t", help="also report the image-to-text direction"),
+    image_to_text: bool = typer.Option(False, "--i2t", help="also report the image-to-text direction (always on the plain similarity: re-ranked scores are per text query)"),
     batch_size: int = typer.Option(128),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
 ) -> None:
     """Evaluate a checkpoint on a split: R@1/5/10, mAP, mINP (text-to-image, identity-level)."""
     import torch
 
-    from tbps.data.readers import load_dataset
+    from tbps.data.readers import load_dataset, val_split_seed
     from tbps.engine.checkpoint import load_method
     from tbps.evaluation.evaluator import evaluate_split, scoring_options
-    from tbps.evaluation.rank import rank
     from tbps.utils import atomic_write
 
     if split not in ("test", "val"):
@@ -102,7 +110,8 @@ def eval_command(
     try:
         method, config = load_method(checkpoint, map_location=run_device)
         data = config["data"]
-        ds = load_dataset(dataset or data["dataset"], root or data["root"], val_identity_fraction=float(data.get("val_identity_fraction", 0.1)), seed=int(config["seed"]))
+        # The val split the run was selected on: carved with its data.val_split_seed, not its seed.
+        ds = load_dataset(dataset or data["dataset"], root or data["root"], val_identity_fraction=float(data.get("val_identity_fraction", 0.1)), seed=val_split_seed(config))
         records = ds.split(split)
         scoring = scoring_options(config)
         rerank = rerank if rerank is not None else scoring["rerank"]
@@ -110,15 +119,14 @@ def eval_command(
         result = evaluate_split(
             method, records, data["image_size"], batch_size=batch_size, rerank=rerank, top_k=top_k,
             rvn_neighbours=scoring["rvn_neighbours"],
-            device=run_device, progress=sys.stderr.isatty(), return_similarity=image_to_text,
+            device=run_device, progress=sys.stderr.isatty(), image_to_text=image_to_text,
         )
     except USER_ERRORS as error:
         fail(str(error))
     metrics = {key: result[key] for key in ("R1", "R5", "R10", "mAP", "mINP")}
     rows = {"text-to-image": metrics}
     if image_to_text:
-        i2t = rank(result["similarity"].t(), result["gallery_ids"], result["query_ids"], max_rank=10)
-        rows["image-to-text"] = {key: i2t[key] for key in metrics}
+        rows["image-to-text"] = {key: result["i2t"][key] for key in metrics}
     console.print(metrics_table(f"{config['method']} on {ds.name} {split} ({len(records)} images, {len(result['query_ids'])} queries)", rows))
     if json_out is not None:
         per_query = result["per_query"]
@@ -129,6 +137,7 @@ def eval_command(
             "split": split,
             "rerank": rerank,
             "metrics": rows,
+            **({"image_to_text_scoring": "none (the plain similarity; re-ranking is per text query)"} if image_to_text else {}),
             "num_queries": result["num_queries"],
             "num_excluded": result["num_excluded"],
             "per_query": [

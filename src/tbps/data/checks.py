@@ -9,11 +9,16 @@ A dataset is **unusable** (``CheckReport.usable`` is False, ``errors`` says why)
 
 Everything else (empty captions dropped, duplicate records, identities shared by train and
 val, eval identities with a single image, ...) is a warning: counted, with examples, but usable.
+
+Training is stricter: :func:`require_images` (run by ``tbps train`` before anything else) refuses
+a run while any image of a split it reads is missing, empty or (``decode=True``) unreadable,
+since one bad image crashes the epoch or the validation that reads it.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -172,3 +177,71 @@ def _check_images(ds: PersonSearchDataset, report: CheckReport, *, workers: int)
         readable = sum(problems[os.path.normpath(str(record.image_path))] is None for record in split_records)
         if split_records and readable == 0:
             report.errors.append(f"split {name!r} has no readable image")
+
+
+# --------------------------------------------------------------------------- before a training run
+
+IMAGE_CHECKS: tuple[str, ...] = ("exists", "decode")
+
+
+class MissingImagesError(FileNotFoundError):
+    """Images a run would read are missing or unreadable; the message counts them per split and
+    names the first few."""
+
+
+def _exists_problem(path: str) -> tuple[str, str] | None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "missing_image", "file not found"
+    except OSError as error:
+        return "unreadable_image", f"{type(error).__name__}: {error}"
+    if not stat.S_ISREG(info.st_mode):
+        return "missing_image", "not a regular file"
+    if info.st_size == 0:  # a download that never arrived
+        return "unreadable_image", "empty file"
+    return None
+
+
+def find_bad_images(
+    ds: PersonSearchDataset, splits: tuple[str, ...] | list[str], *, decode: bool = False, workers: int = 4
+) -> tuple[int, list[tuple[str, str, str]]]:
+    """Check every distinct image of ``splits``: exists, is a non-empty regular file, and with
+    ``decode`` also decodes fully (:func:`image_problem`). Returns (images checked,
+    [(split, path, reason)] of the bad ones in record order)."""
+    where: dict[str, str] = {}
+    for name in splits:
+        for record in ds.splits.get(name, []):
+            where.setdefault(os.path.normpath(str(record.image_path)), name)
+    paths = list(where)
+    check = image_problem if decode else _exists_problem
+    # Both checks wait on the file system (and the decoder releases the GIL): threads overlap them.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        problems = list(pool.map(check, paths))
+    bad = [(where[path], path, problem[1]) for path, problem in zip(paths, problems) if problem is not None]
+    return len(paths), bad
+
+
+def require_images(
+    ds: PersonSearchDataset,
+    splits: tuple[str, ...] | list[str],
+    *,
+    decode: bool = False,
+    workers: int = 4,
+    max_examples: int = 5,
+) -> int:
+    """Raise :class:`MissingImagesError` if any image of ``splits`` is bad (see
+    :func:`find_bad_images`); returns the number of distinct images checked."""
+    checked, bad = find_bad_images(ds, splits, decode=decode, workers=workers)
+    if bad:
+        per_split = Counter(split for split, _, _ in bad)
+        counts = ", ".join(f"{name}: {per_split.get(name, 0)}" for name in splits)
+        shown = "; ".join(f"{path} ({split}: {reason})" for split, path, reason in bad[:max_examples])
+        more = f"; ... and {len(bad) - max_examples} more" if len(bad) > max_examples else ""
+        what = "missing or unreadable" if decode else "missing or empty"
+        raise MissingImagesError(
+            f"{len(bad)} of {checked} images this run reads are {what} ({counts}): {shown}{more}. "
+            f"Check data.root ({ds.root}), restore the files or drop their records; "
+            "`tbps data check` reports every problem of the dataset"
+        )
+    return checked

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,13 +95,33 @@ def load_dataset(
     """Load dataset ``name`` from ``root`` without touching image files.
 
     ``val_identity_fraction`` and ``seed`` only matter for datasets that ship without a val
-    split (ICFG-PEDES): that share of the train identities is moved to a new val split.
+    split (ICFG-PEDES): that share of the train identities, drawn with ``seed``, is moved to a new
+    val split; 0 carves none (train on the whole train split). ``seed`` is the carve-out's own seed
+    (a run's ``data.val_split_seed``, see :func:`val_split_seed`), never the training seed: runs
+    with different training seeds must select their models on the same val identities.
     """
     key = canonical_name(name)
     if not 0.0 <= val_identity_fraction < 1.0:
         raise ValueError(f"val_identity_fraction must be in [0, 1), got {val_identity_fraction}")
     annotation = find_annotation_file(key, root)
     return READERS[key](annotation, val_identity_fraction=val_identity_fraction, seed=seed)
+
+
+def val_split_seed(config: Mapping[str, Any]) -> int:
+    """The seed the config *of a run* (as stored beside it and in its checkpoints) carved its val
+    split with: its ``data.val_split_seed``.
+
+    ``tbps train`` writes that key into every run's config (default 0, independent of ``seed``).
+    Configs of runs made before the option existed lack it: those carved with the training
+    ``seed``, which is returned, so ``tbps eval --split val`` and a resumed run see the val
+    identities the run was selected on.
+    """
+    value = (config.get("data") or {}).get("val_split_seed")
+    if value is None:
+        return int(config.get("seed", 0))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"data.val_split_seed must be an integer, got {value!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- shared helpers

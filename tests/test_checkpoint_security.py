@@ -88,10 +88,15 @@ def test_saving_anything_but_plain_data_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"checkpoint\['tbps'\]\['config'\]\['root'\] is a pathlib"):
         io.save_checkpoint({"tbps": {"config": {"root": Path("/data")}}}, target)
     assert not target.exists()
-    plain = {"state_dict": OrderedDict(w=torch.ones(2)), "epoch": 3, "meta": {"sizes": (1, 2), "name": None, "dtype": torch.float16}}
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([weight])
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2, 4])  # milestones: a Counter
+    plain = {"state_dict": OrderedDict(w=weight.detach()), "epoch": 3, "meta": {"sizes": (1, 2), "name": None, "dtype": torch.float16},
+             "optimizer_states": [optimizer.state_dict()], "lr_schedulers": [scheduler.state_dict()]}
     io.save_checkpoint(plain, target)
     loaded = torch.load(target, weights_only=True)
     assert loaded["epoch"] == 3 and loaded["meta"]["dtype"] == torch.float16
+    assert loaded["lr_schedulers"][0]["milestones"] == {2: 1, 4: 1}
 
 
 def test_a_weights_file_whose_pickle_runs_code_is_refused(tmp_path: Path) -> None:

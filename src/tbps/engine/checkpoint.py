@@ -13,7 +13,8 @@ torch's default or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` would pick.
 from __future__ import annotations
 
 import pickle
-from collections import OrderedDict
+import re
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +41,24 @@ _PLAIN_LEAVES = (str, bytes, int, float, bool, type(None), torch.Tensor, torch.S
 def check_plain_data(value: Any, where: str = "checkpoint") -> None:
     """Raise :class:`CheckpointError` naming the first entry of ``value`` that is not plain data.
 
-    Containers must be exactly dict / OrderedDict / list / tuple (a subclass such as Lightning's
-    AttributeDict would be pickled by class name and refused when read back).
+    Containers must be exactly dict / OrderedDict / Counter (a MultiStepLR's milestones) / list /
+    tuple, which torch's weights-only unpickler rebuilds; a subclass such as Lightning's
+    AttributeDict would be pickled by class name and refused when read back. Classes registered
+    with ``torch.serialization.add_safe_globals`` count as plain too, since they load.
     """
+    registered = tuple(g for g in torch.serialization.get_safe_globals() if isinstance(g, type))
     stack = [(value, where)]
     while stack:
         item, path = stack.pop()
         kind = type(item)
-        if kind in (dict, OrderedDict):
+        if kind in (dict, OrderedDict, Counter):
             for key, entry in item.items():
                 if type(key) not in (str, int, float, bool, type(None), tuple):
                     raise CheckpointError(f"{path} has a key of type {kind.__name__}.{type(key).__qualname__}; checkpoints hold plain data only")
                 stack.append((entry, f"{path}[{key!r}]"))
         elif kind in (list, tuple):
             stack.extend((entry, f"{path}[{i}]") for i, entry in enumerate(item))
-        elif kind in _PLAIN_LEAVES or kind is torch.nn.Parameter:
+        elif kind in _PLAIN_LEAVES or kind is torch.nn.Parameter or kind in registered:
             continue
         else:
             raise CheckpointError(
@@ -68,11 +72,15 @@ def safe_torch_load(source: Any, name: str, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        # torch's weights-only unpickler names the global it refused on the first line.
-        reason = str(error).strip().splitlines()
-        detail = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+        if "global" not in detail.lower():
+            # Not a refused class or function but bytes that are no pickle a checkpoint makes.
+            raise CheckpointError(f"{name} cannot be read: it is not a checkpoint torch can load ({detail})") from None
+        named = re.search(r"GLOBAL (\S+)", detail)
         raise UnsafeCheckpointError(
-            f"{name} was refused: its pickle needs Python objects other than tensors and plain data ({detail}). "
+            f"{name} was refused: its pickle needs Python objects other than tensors and plain data "
+            f"({'it names ' + named.group(1) if named else detail}). "
             "tbps loads checkpoints with weights_only=True because unpickling such objects can run arbitrary "
             "code; do not load this file unless you know exactly where it comes from"
         ) from None

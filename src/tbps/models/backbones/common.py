@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,11 +36,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         # weights_only=True: a weights file is a pickle, and a full unpickler runs the code it names.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = (str(error).strip().splitlines() or [""])[0]
+        named = re.search(r"GLOBAL (\S+)", str(error))
+        if named is None:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            detail = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+            raise ValueError(f"weights file {str(path)!r} cannot be read: not a file torch can load ({detail})") from None
         raise ValueError(
             f"weights file {str(path)!r} was refused: its pickle needs Python objects other than tensors and "
-            f"plain data ({first}); tbps reads weights with weights_only=True because unpickling such objects "
-            "can run arbitrary code (convert the file to a plain state dict or .safetensors)"
+            f"plain data (it names {named.group(1)}); tbps reads weights with weights_only=True because "
+            "unpickling such objects can run arbitrary code (convert the file to a plain state dict or .safetensors)"
         ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):

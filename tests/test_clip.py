@@ -344,6 +344,8 @@ def test_errors_name_the_option_to_set(clip_files, tmp_path):
     torch.save({"conv1.weight": torch.zeros(2), "fc.weight": torch.zeros(2)}, tmp_path / "resnet.pth")
     with pytest.raises(NotClipModelError, match="not an OpenAI CLIP checkpoint"):
         create_image_backbone({"name": "clip", "weights": str(tmp_path / "resnet.pth")}, image_size=IMAGE)
+    with pytest.raises(NotClipModelError, match="folder that holds it and its config.json"):
+        create_image_backbone({"name": "clip", "weights": str(clip_files["hf"] / "model.safetensors")}, image_size=IMAGE)
     torch.save({"visual.layer1.0.conv1.weight": torch.zeros(2)}, tmp_path / "rn50.pt")
     with pytest.raises(NotClipModelError, match="ResNet CLIP"):
         create_image_backbone({"name": "clip", "weights": str(tmp_path / "rn50.pt")}, image_size=IMAGE)
@@ -549,3 +551,21 @@ def test_staged_backbones_describe_and_rerun_their_stages(name, extra, size, red
             assert all(p.data_ptr() != q.data_ptr() for p in tail.parameters() for q in backbone.parameters())
     with pytest.raises(ValueError, match="last stage map"):
         backbone.stage_tail(-1)
+
+
+@pytest.mark.slow
+def test_clip_config_trains_through_the_engine_and_reloads(clip_files, tiny_synthetic, tmp_path):
+    from tbps.engine.checkpoint import load_method
+    from tbps.engine.train import train
+
+    config = load_config("clip/synthetic", [
+        f"data.root={tiny_synthetic}", "data.image_size=[48,16]", "data.batch_size=16", "data.eval_batch_size=64",
+        "data.num_workers=0", f"model.image_backbone.weights={clip_files['hf']}", f"model.max_text_length={CONTEXT}",
+        "model.image_backbone.freeze_stages=0", "model.text_backbone.freeze_layers=0", "trainer.max_epochs=1",
+        f"trainer.output_dir={tmp_path}", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
+    ])
+    result = train(config)
+    method, saved = load_method(result.last_checkpoint, expected_method="clip")
+    assert saved["model"]["text_backbone"]["weights"] == str(clip_files["hf"])  # resolved from the image backbone's
+    assert method.image_backbone.grid == (6, 2) and method.image_mean_std[0] == CLIP_MEAN
+    assert result.report["checkpoints"]["last"]["epoch"] == 1

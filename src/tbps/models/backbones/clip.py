@@ -308,6 +308,11 @@ def _require(state: Mapping[str, Tensor], keys: Sequence[str], tower: str) -> No
     missing = [key for key in keys if key not in state]
     if not missing:
         return
+    if any(key.startswith(("vision_model.", "text_model.")) for key in state):
+        raise NotClipModelError(
+            "this file holds Hugging Face CLIP tensors without their config: point the weights option to the "
+            "folder that holds it and its config.json"
+        )
     if any(key.startswith("visual.layer1.") for key in state):
         raise NotClipModelError(
             "this is a ResNet CLIP checkpoint (RN50, RN101, ...): tbps's clip backbone is the ViT (ViT-B/32, B/16, L/14)"

@@ -224,15 +224,18 @@ def test_concurrent_decodes_are_bounded(search_index: Path, searcher: Searcher) 
 
 # --------------------------------------------------------------------------- item 5: upload size
 def _asgi_post(app, headers: list[tuple[bytes, bytes]], chunks: int, chunk_size: int = 64 * 1024) -> tuple[int, int]:
-    """POST /api/search/image through the raw ASGI interface; returns (status, chunks the app pulled)."""
+    """POST /api/search/image through the raw ASGI interface: a well-formed multipart upload
+    whose file part streams in ``chunks`` chunks; returns (status, chunks the app pulled)."""
     pulled = 0
+    part_header = b'--XYZ\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
 
     async def receive() -> dict:
         nonlocal pulled
         if pulled >= chunks:
             return {"type": "http.disconnect"}
         pulled += 1
-        return {"type": "http.request", "body": b"\0" * chunk_size, "more_body": pulled < chunks}
+        body = (part_header if pulled == 1 else b"") + b"\0" * chunk_size + (b"\r\n--XYZ--\r\n" if pulled == chunks else b"")
+        return {"type": "http.request", "body": body, "more_body": pulled < chunks}
 
     status = []
 

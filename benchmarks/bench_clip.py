@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    load_at_start = os.getloadavg()  # a shared machine's other work slows every figure below
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -165,7 +166,8 @@ def main() -> None:
         "warmup_batches": args.warmup,
         "times_seconds": {"images": [round(t, 3) for t in image_times], "captions": [round(t, 3) for t in caption_times],
                           "train": [round(t, 3) for t in train_times]},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "load_average_at_start": [round(v, 2) for v in load_at_start],
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "processor": platform.processor() or platform.machine()},
     }
     text = json.dumps(result, indent=2)

@@ -186,8 +186,10 @@ def test_serve_requires_a_token_off_loopback(search_index: Path, monkeypatch) ->
     assert _client(served, "10.1.2.3:8123").get("/api/health", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     assert _client(served, "other.example").get("/api/health").status_code == 400
     assert TOKEN not in with_token.output  # never printed
-    local = runner.invoke(app, ["serve", str(search_index)])
+    local = runner.invoke(app, ["serve", str(search_index), "--allow-host", "search.example.org"])
     assert local.exit_code == 0 and started[-1]["host"] == "127.0.0.1"
+    for name, status in (("search.example.org", 200), ("localhost:8000", 200), ("evil.example", 400)):
+        assert _client(started[-1]["app"], name).get("/api/health").status_code == status, name
 
 
 # --------------------------------------------------------------------------- item 4: decoding

@@ -252,8 +252,9 @@ def serve_command(
     token: Optional[str] = typer.Option(None, "--token", envvar="TBPS_TOKEN", show_envvar=True,
                                         help="access token required on every request (prefer the TBPS_TOKEN variable: "
                                              "a command line is visible to other users); required off loopback"),
-    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="accept requests for this Host name "
-                                                   "(repeatable; default: localhost, 127.0.0.1, ::1 and a specific --host; '*': any)"),
+    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="also accept requests for this Host name, e.g. "
+                                                   "the public name of a reverse proxy (repeatable; always accepted: localhost, "
+                                                   "127.0.0.1, ::1 and a specific --host; '*': any)"),
     cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="let pages of this origin call the API "
                                                     "(repeatable, e.g. https://intranet.example; default: none)"),
     insecure: bool = typer.Option(False, "--insecure", help="serve a non-loopback address without a token (anyone who "
@@ -289,7 +290,7 @@ def serve_command(
     if not loopback and token is not None:
         err_console.print("[yellow]note:[/] the token and the images travel unencrypted over plain HTTP; "
                           "put a TLS reverse proxy in front of tbps serve on an untrusted network")
-    hosts = list(allow_host) if allow_host else list(_default_hosts(host))
+    hosts = list(dict.fromkeys([*_default_hosts(host), *(allow_host or ())]))
 
     import torch
     import uvicorn

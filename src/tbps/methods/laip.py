@@ -530,8 +530,8 @@ class LAIP(PersonSearchMethod):
         if not 0 <= self.attention_layer < self.fusion_layers:
             raise ValueError(f"attention_layer must be in 0..{self.fusion_layers - 1}, got {self.attention_layer}")
         hidden, image_width = int(bert_config.hidden_size), self.image_backbone.out_channels
-        self.image_has_cls = self.image_backbone.name == "vit_b_16"
-        # ViT tokens come out of its final LayerNorm; CNN feature maps (ReLU6 outputs) get one.
+        self.image_has_cls = self.image_backbone.has_cls_token
+        # Transformer tokens come out of its final LayerNorm; CNN feature maps (ReLU6 outputs) get one.
         self.image_token_norm = nn.Identity() if self.image_has_cls else nn.LayerNorm(image_width)
         cross = option(config, "cross_attention", {}) or {}
         self.cross_attention = nn.ModuleList(

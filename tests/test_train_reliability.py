@@ -142,6 +142,33 @@ def test_killed_run_resumes_with_its_whole_history(tiny_synthetic: Path, tmp_pat
     assert json.loads((run_dir / "report.json").read_text())["checkpoints"]["last"]["epoch"] == 4
 
 
+def test_history_writer_extends_replaces_and_never_truncates(tmp_path: Path) -> None:
+    from tbps.engine.train import HistoryWriter
+
+    log_dir = tmp_path / "logs"
+    first = HistoryWriter(str(log_dir), resume=False)
+    for step in range(4):
+        first.log_metrics({"epoch": 0 if step < 2 else 1, "train/loss_step": 1.0 / (step + 1)}, step)
+    first.save()
+    path = log_dir / "metrics.csv"
+    assert path.read_text().splitlines()[0] == "epoch,step,train/loss_step"
+    # The killed run logged steps 2-3 after its checkpoint; the resumed run replays them and adds
+    # a column (val/R1) the file did not have.
+    resumed = HistoryWriter(str(log_dir), resume=True)
+    resumed.log_metrics({"epoch": 1, "train/loss_step": 0.3}, 2)
+    resumed.log_metrics({"epoch": 1, "train/loss_step": 0.2}, 3)
+    resumed.log_metrics({"epoch": 1, "val/R1": 42.0}, 3)
+    resumed.save()
+    rows = read_history(path)
+    assert path.read_text().splitlines()[0] == "epoch,step,train/loss_step,val/R1"
+    assert [(r["step"], r.get("train/loss_step"), r.get("val/R1")) for r in rows] == [
+        ("0", "1.0", None), ("1", "0.5", None), ("2", "0.3", None), ("3", "0.2", None), ("3", None, "42.0")]
+    assert [p.name for p in log_dir.iterdir()] == ["metrics.csv"]  # no temporary file left behind
+    # A new (not resumed) run in the same directory starts its own history.
+    HistoryWriter(str(log_dir), resume=False)
+    assert not path.exists()
+
+
 # --------------------------------------------------------------------------- item 12: images and validation
 
 
@@ -253,6 +280,20 @@ def test_too_small_image_size_names_the_setting(tiny_synthetic: Path, tmp_path: 
     with pytest.raises(ValueError, match=r"data.image_size=\[8, 4\] is too small for efficientnet_lite0: .*Raise data.image_size"):
         train(config)
     assert not (tmp_path / "runs").exists()
+    # A size the backbone takes but the method's own layers do not (e.g. more stripes than rows).
+    from tbps.engine.train import build_module, check_image_size
+
+    config = prepare_config(tiny_config(tiny_synthetic, tmp_path / "runs", *FAST))
+    module = build_module(config, {1: 0, 2: 1})
+
+    def too_few_rows(images):
+        raise RuntimeError("6 stripes need at least 6 rows")
+
+    module.method.encode_image = too_few_rows
+    with pytest.raises(ValueError, match=r"data.image_size=\[64, 32\] \(final feature map 2x1\): a dry forward .* "
+                                         r"6 stripes need at least 6 rows.*raise data.image_size"):
+        check_image_size(module, config)
+    assert module.method.training  # left as it was
 
 
 # --------------------------------------------------------------------------- item 18: what --resume may change

@@ -66,7 +66,7 @@ RESUME_SETTINGS: dict[str, str] = {
     "trainer.progress_bar": "display only",
     "trainer.log_every_n_steps": "how often rows reach logs/metrics.csv",
     "data.num_workers": "loader processes; every sample derives from (seed, epoch, index) whatever the count",
-    "data.eval_batch_size": "evaluation batch size; the model evaluates in eval mode, so results do not depend on it",
+    "data.eval_batch_size": "evaluation batch size; the model evaluates in eval mode, so results do not depend on it (up to float rounding)",
     "data.check_images": "how images are checked before training",
 }
 
@@ -449,6 +449,10 @@ class HistoryWriter(ExperimentWriter):
         self.rows: list[dict[str, Any] | None] = []
         self._replaceable: dict[tuple[str, frozenset[str]], int] = {}
         path = Path(self.metrics_file_path)
+        if not resume and path.is_file():
+            # A new run in the directory of an earlier one: its history is not this run's.
+            log.warning("a new run in %s: removing the earlier run's %s", Path(log_dir).parent, path.name)
+            path.unlink()
         if resume and path.is_file():
             with path.open(newline="", encoding="utf-8") as handle:
                 reader = csv.DictReader(handle)
@@ -464,8 +468,7 @@ class HistoryWriter(ExperimentWriter):
         return str(row.get("step", "")), frozenset(row)
 
     def _check_log_dir_exists(self) -> None:
-        """Lightning deletes an existing metrics.csv here; this writer replaces it atomically on
-        its first save instead (a fresh run) or extends it (a resume)."""
+        """Lightning deletes an existing metrics.csv here, resume or not; ``__init__`` decides."""
 
     def save(self) -> None:
         if not self.metrics:

@@ -19,6 +19,7 @@ import torch
 
 from tbps.data.records import load_image
 from tbps.engine.checkpoint import load_method
+from tbps.data.readers import val_split_seed
 from tbps.engine.datamodule import load_configured_dataset
 from tbps.search.index import image_transform
 
@@ -41,7 +42,7 @@ def main() -> None:
         raise SystemExit(f"{args.checkpoint} is a {config['method']} checkpoint; this reads ACSA's phrase attention")
     method.eval()
     data = config["data"]
-    dataset = load_configured_dataset(data, seed=int(config["seed"]))
+    dataset = load_configured_dataset(data, val_split_seed(config))
     transform = image_transform(method, data["image_size"])
     processor = method.build_text_processor()
     counts = {part: collections.Counter() for part in BODY_PART_WORDS}

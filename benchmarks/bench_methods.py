@@ -38,6 +38,7 @@ import torch
 
 from tbps.config import load_config
 from tbps.engine.checkpoint import load_method
+from tbps.data.readers import val_split_seed
 from tbps.engine.datamodule import load_configured_dataset
 from tbps.engine.train import train
 from tbps.evaluation.evaluator import encode_image_batches, encode_text_batches, eval_loaders, score_features
@@ -148,7 +149,7 @@ def score_run(name: str, report: dict, top_ks: list[int]) -> dict:
     checkpoint = report["checkpoints"]["best"]["path"]
     method, config = load_method(checkpoint)
     data = config["data"]
-    dataset = load_configured_dataset(data, seed=int(config["seed"]))
+    dataset = load_configured_dataset(data, val_split_seed(config))
     records = dataset.split("test")
     gallery, queries = eval_loaders(records, method, data["image_size"], batch_size=int(data["eval_batch_size"]))
     started = time.perf_counter()

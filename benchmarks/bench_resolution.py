@@ -47,6 +47,7 @@ def measure(method_run: str, setting: str, data: Path, steps: int, warmup: int) 
     """One cell, in this process (called in a fresh subprocess so peak RSS is the cell's own)."""
     from omegaconf import OmegaConf
 
+    from tbps.data.readers import val_split_seed
     from tbps.engine.datamodule import PersonSearchDataModule, load_configured_dataset
     from tbps.engine.module import PersonSearchModule
     from tbps.models.backbones.image import ImageBackbone
@@ -55,7 +56,7 @@ def measure(method_run: str, setting: str, data: Path, steps: int, warmup: int) 
     config = load_config(config_name, [*COMMON, *overrides, *setting_overrides(setting), f"data.root={data}",
                                        "data.num_workers=0"])
     torch.manual_seed(0)
-    dataset = load_configured_dataset(config["data"], int(config["seed"]))
+    dataset = load_configured_dataset(config["data"], val_split_seed(config))
     records = dataset.split("train")
     labels = {pid: i for i, pid in enumerate(sorted({r.person_id for r in records}))}
     module = PersonSearchModule(OmegaConf.to_container(config, resolve=True), num_classes=len(labels), label_map=labels)

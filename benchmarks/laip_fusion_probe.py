@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from tbps.data.records import load_image
 from tbps.engine.checkpoint import load_method
+from tbps.data.readers import val_split_seed
 from tbps.engine.datamodule import load_configured_dataset
 from tbps.models.base import pool_tokens
 from tbps.search.index import image_transform
@@ -43,7 +44,7 @@ def main() -> None:
         raise SystemExit(f"{args.checkpoint} is a {config['method']} checkpoint; this probes LAIP's fusion encoder")
     method.eval()
     data = config["data"]
-    dataset = load_configured_dataset(data, seed=int(config["seed"]))
+    dataset = load_configured_dataset(data, val_split_seed(config))
     records = dataset.split("test")[: 4 * args.pairs : 4]
     count = len(records)
     if count < 2:

@@ -29,7 +29,9 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 2,
         "sampler": "random",  # random | identity (P identities x K images)
         "num_instances": 4,
-        "val_identity_fraction": 0.1,  # only for datasets without a val split (ICFG-PEDES)
+        "val_identity_fraction": 0.1,  # only for datasets without a val split (ICFG-PEDES); 0 = train on all of train
+        "val_split_seed": 0,  # the val carve-out's own seed, independent of the training seed
+        "check_images": "exists",  # before training: exists (fast) | decode (every image fully decoded)
         "augment": {"flip_prob": 0.5, "padding": 10, "random_crop": True, "random_erasing": 0.0},
     },
     "model": {},

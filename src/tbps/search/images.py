@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from tbps.data.records import ImageLoadError
 
@@ -87,6 +87,8 @@ def decode_image(
         raise ImageLoadError(label, "file not found") from None
     except IsADirectoryError:
         raise ImageLoadError(label, "is a directory") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(label, "not an image format Pillow can read (or a damaged header)") from None
     except Image.DecompressionBombError as error:
         raise ImageTooLargeError(label, f"image too large ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:

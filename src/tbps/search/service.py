@@ -223,10 +223,11 @@ def _login_page(message: str = "") -> str:
 
 
 # --------------------------------------------------------------------------- uploads
-async def read_body_limited(request: Request, limit: int) -> bytes:
+async def read_body_limited(request: Request, limit: int, label: str | None = None) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes:
     from ``Content-Length`` before reading anything, else while counting the streamed chunks.
     Never holds more than ``limit`` bytes plus one chunk."""
+    label = label or f"the {limit:,}-byte limit"
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -234,12 +235,12 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
         except ValueError:
             raise HTTPException(400, f"invalid Content-Length {declared!r}") from None
         if size > limit:
-            raise HTTPException(413, f"request body of {size} bytes is larger than the {limit}-byte limit")
+            raise HTTPException(413, f"request body of {size:,} bytes is larger than {label}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise HTTPException(413, f"request body larger than the {limit}-byte limit")
+            raise HTTPException(413, f"request body larger than {label}")
     return bytes(body)
 
 
@@ -251,7 +252,10 @@ async def parse_upload(request: Request, max_upload_bytes: int) -> UploadFile:
     """The ``file`` part of a multipart upload, kept in memory (the body is already bounded)."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise HTTPException(422, "file: send the picture as multipart/form-data with a 'file' part")
-    body = await read_body_limited(request, max_upload_bytes + MULTIPART_OVERHEAD)
+    body = await read_body_limited(
+        request, max_upload_bytes + MULTIPART_OVERHEAD,
+        f"the upload limit ({max_upload_bytes:,} bytes, plus {MULTIPART_OVERHEAD:,} for the multipart framing)",
+    )
     parser = MultiPartParser(request.headers, _one_chunk(body), max_files=1, max_fields=8, max_part_size=4096)
     parser.spool_max_size = len(body) + 1  # the whole (bounded) body fits: never roll over to disk
     try:

@@ -3,6 +3,7 @@ tbps only ever writes checkpoints that load that way."""
 
 from __future__ import annotations
 
+import pickle
 from collections import OrderedDict
 from pathlib import Path
 
@@ -33,9 +34,13 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafeCheckpointError, match="weights_only=True"):
         load_method(evil)
     assert not marker.exists()
-    # The same file through a plain unpickler does run code: the test's payload is real.
-    torch.load(evil, weights_only=False)
-    assert marker.exists()
+    # The payload is real: a plain unpickler runs it (shown on the object itself, since a full
+    # torch.load is exactly what tbps must never do).
+    from search_fixtures import _CreatesFileWhenUnpickled
+
+    proof = tmp_path / "plain-unpickler-ran"
+    pickle.loads(pickle.dumps(_CreatesFileWhenUnpickled(proof)))
+    assert proof.exists()
 
 
 def test_lightning_resume_loading_is_weights_only_whatever_torch_is_told(tmp_path: Path, monkeypatch) -> None:

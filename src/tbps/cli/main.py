@@ -85,7 +85,7 @@ def train_command(
 
 @app.command("eval")
 def eval_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="a tbps checkpoint (.ckpt)"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a tbps checkpoint (.ckpt), or CLIP weights evaluated zero-shot (a Hugging Face CLIP folder or OpenAI's ViT-B-16.pt; give --dataset and --root)"),
     split: str = typer.Option("test", help="test or val"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write metrics and per-query ranks to this JSON file"),
     rerank: Optional[str] = typer.Option(None, help="none | two-stage | rvn | two-stage+rvn (default: the checkpoint config's eval.rerank)"),
@@ -95,12 +95,13 @@ def eval_command(
     image_to_text: bool = typer.Option(False, "--i2t", help="also report the image-to-text direction (always on the plain similarity: re-ranked scores are per text query)"),
     batch_size: int = typer.Option(128),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="CLIP models only: a template every caption is put into, with {} exactly once, e.g. 'a photo of {}'"),
 ) -> None:
     """Evaluate a checkpoint on a split: R@1/5/10, mAP, mINP (text-to-image, identity-level)."""
     import torch
 
     from tbps.data.readers import load_dataset, val_split_seed
-    from tbps.engine.checkpoint import load_method
+    from tbps.engine.checkpoint import load_model_source
     from tbps.evaluation.evaluator import evaluate_split, scoring_options
     from tbps.utils import atomic_write
 
@@ -108,8 +109,10 @@ def eval_command(
         fail(f"--split must be test or val, got {split!r}")
     run_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
-        method, config = load_method(checkpoint, map_location=run_device)
+        method, config = load_model_source(checkpoint, prompt, map_location=run_device)
         data = config["data"]
+        if (dataset or data.get("dataset")) is None or (root or data.get("root")) is None:
+            fail(f"{checkpoint} holds CLIP weights, which name no dataset: pass --dataset NAME --root DIR")
         # The val split the run was selected on: carved with its data.val_split_seed, not its seed.
         ds = load_dataset(dataset or data["dataset"], root or data["root"], val_identity_fraction=float(data.get("val_identity_fraction", 0.1)), seed=val_split_seed(config))
         records = ds.split(split)
@@ -133,6 +136,7 @@ def eval_command(
         payload: dict[str, Any] = {
             "checkpoint": str(checkpoint),
             "method": config["method"],
+            **({"zero_shot": True, "prompt": config["model"].get("prompt")} if config.get("zero_shot") else {}),
             "dataset": ds.name,
             "split": split,
             "rerank": rerank,
@@ -161,7 +165,7 @@ def eval_command(
 def explain_command(
     image: Path = typer.Argument(..., help="a person image (JPEG, PNG, ...)"),
     caption: str = typer.Argument(..., help="the description whose attention to draw"),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="a tbps checkpoint (.ckpt)"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a tbps checkpoint (.ckpt), or CLIP weights (a Hugging Face CLIP folder or OpenAI's ViT-B-16.pt)"),
     out: Path = typer.Option(Path("attention.png"), "--out", "-o", help="the figure to write (PNG)"),
     device: str = typer.Option("cpu", help="auto, cpu or cuda"),
 ) -> None:
@@ -176,7 +180,7 @@ def explain_command(
     import torch
 
     from tbps.data.records import load_image
-    from tbps.engine.checkpoint import load_method
+    from tbps.engine.checkpoint import load_model_source
     from tbps.search.index import image_transform
     from tbps.search.searcher import occlusion_relevance, render_attention_figure
     from tbps.text.phrases import NounPhraseExtractor
@@ -187,7 +191,7 @@ def explain_command(
     try:
         text = normalize_caption(caption)
         picture = load_image(image)
-        method, config = load_method(checkpoint, map_location=run_device)
+        method, config = load_model_source(checkpoint, map_location=run_device)
         tensor = image_transform(method, config["data"]["image_size"])(picture).to(run_device)
         rows = method.visualize(tensor, text)
         if not rows or not any(len(labels) for labels, _ in rows.values()):

@@ -32,6 +32,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 MAX_PIXELS_HELP = "largest image decoded, in pixels (width x height); larger ones are skipped undecoded (decompression bombs)"
+MODEL_HELP = ("a tbps checkpoint (.ckpt), or CLIP weights for zero-shot search with no training: a Hugging Face CLIP "
+              "folder or OpenAI's ViT-B-16.pt (with bpe_simple_vocab_16e6.txt.gz beside it)")
+PROMPT_HELP = ("CLIP models only: a template the query text is put into before tokenising, with {} exactly once, "
+               "e.g. 'a photo of {}'")
 
 
 def _sources(images: Optional[Path], dataset: Optional[str], root: Optional[Path], split: str, pattern: Optional[str],
@@ -81,7 +85,7 @@ def _print_report(report, verb: str) -> None:
 
 @index_app.command("build")
 def build_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="a tbps checkpoint (.ckpt)"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", help="index directory to create"),
     images: Optional[Path] = typer.Option(None, "--images", help="folder of images, walked recursively"),
     dataset: Optional[str] = typer.Option(None, help="index a benchmark split instead: dataset name"),
@@ -98,6 +102,7 @@ def build_command(
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="follow symbolic links whose target lies inside --images or a --link-root (others are skipped and listed)"),
     link_root: Optional[list[Path]] = typer.Option(None, "--link-root", help="with --follow-symlinks: a folder outside --images that links may point into; it becomes an image root of the index (repeatable)"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help=MAX_PIXELS_HELP),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help=PROMPT_HELP + "; recorded as the index's default for searches"),
 ) -> None:
     """Embed a folder of person images (or a benchmark split) into a searchable index."""
     from tbps.search.index import build_index
@@ -106,7 +111,8 @@ def build_command(
         sources = _sources(images, dataset, root, split, pattern, sidecar, follow_symlinks, link_root)
         with _BatchProgress("embedding") as progress:
             report = build_index(checkpoint, sources, out, kind=kind, batch_size=batch_size, num_workers=workers,
-                                 resume=resume, overwrite=overwrite, device=device, on_batch=progress, max_pixels=max_pixels)
+                                 resume=resume, overwrite=overwrite, device=device, on_batch=progress, max_pixels=max_pixels,
+                                 prompt=prompt)
     except _user_errors() as error:
         _fail(str(error))
     _print_report(report, "indexed")
@@ -183,7 +189,8 @@ def search_command(
     camera: Optional[list[str]] = typer.Option(None, "--camera", help="only these cameras (repeatable)"),
     time_from: Optional[str] = typer.Option(None, "--from", help="only images at or after this ISO time"),
     time_to: Optional[str] = typer.Option(None, "--to", help="only images at or before this ISO time"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="defaults to the index's own checkpoint"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="defaults to the index's own checkpoint (or CLIP weights)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help=PROMPT_HELP + " (default: the index's own; '{}': none)"),
     as_json: bool = typer.Option(False, "--json", help="print hits as JSON"),
     html_out: Optional[Path] = typer.Option(None, "--html", help="write an HTML page of the hits"),
     image_root: Optional[list[Path]] = typer.Option(None, "--image-root", help="read images for --html only inside these folders (repeatable; default: the index's own)"),
@@ -193,7 +200,7 @@ def search_command(
     from tbps.search.searcher import Searcher
 
     try:
-        searcher = Searcher.open(index, checkpoint, image_roots=image_root)
+        searcher = Searcher.open(index, checkpoint, image_roots=image_root, prompt=prompt)
         hits = searcher.search(query, k=k, rerank=rerank, filters={"camera": camera, "time_from": time_from, "time_to": time_to})
     except (*_user_errors(), SearchIndexError) as error:
         _fail(str(error))
@@ -247,7 +254,8 @@ def serve_command(
     index: Path = typer.Argument(..., help="index directory"),
     host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1: this machine only)"),
     port: int = typer.Option(8000, min=0, max=65535),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="defaults to the index's own checkpoint"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="defaults to the index's own checkpoint (or CLIP weights)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help=PROMPT_HELP + " (default: the index's own; '{}': none)"),
     workers_threads: int = typer.Option(0, "--torch-threads", min=0, help="torch intra-op threads (0: torch default)"),
     token: Optional[str] = typer.Option(None, "--token", envvar="TBPS_TOKEN", show_envvar=True,
                                         help="access token required on every request (prefer the TBPS_TOKEN variable: "
@@ -302,7 +310,7 @@ def serve_command(
         torch.set_num_threads(workers_threads)
     try:
         app = create_app(index, checkpoint, token=token, allowed_hosts=hosts, cors_origins=cors_origin or (),
-                         image_roots=image_root, max_pixels=max_pixels, max_decodes=max_decodes)
+                         image_roots=image_root, max_pixels=max_pixels, max_decodes=max_decodes, prompt=prompt)
     except (*_user_errors(), SearchIndexError) as error:
         _fail(str(error))
     roots = ", ".join(str(root) for root in app.state.searcher.image_roots)

@@ -8,22 +8,34 @@ data in its checkpoints (tensors, dicts, lists, tuples, strings, numbers, boolea
 includes ``tbps train --resume``: Lightning reads the checkpoint through this plugin's
 :meth:`AtomicCheckpointIO.load_checkpoint`, which forces ``weights_only=True`` whatever Lightning,
 torch's default or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` would pick.
+
+**Model sources** (:func:`load_model_source`): wherever tbps takes a checkpoint (``tbps index
+build|add|verify``, ``tbps search``, ``tbps serve``, ``tbps eval``, ``tbps explain``,
+``Searcher.open``), CLIP weights may stand instead: a Hugging Face CLIP folder or OpenAI's CLIP
+file (``ViT-B-16.pt``, with OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` beside it). They give
+method ``clip`` in CLIP's own embedding space with no training (zero-shot,
+:func:`tbps.methods.clip_sdm.zero_shot_config`), optionally with a prompt template for the text.
+:class:`ModelSource` names the files whose bytes define the model; an index records their
+hashes, so it is never searched with other weights than it was built with.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import re
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from tbps.models.base import PersonSearchMethod
-from tbps.models.registry import create_method
-from tbps.utils import atomic_write
+from tbps.models.registry import create_method, get_method_class
+from tbps.utils import atomic_write, sha256_file
 
 
 class CheckpointError(ValueError):
@@ -154,3 +166,249 @@ def load_method(
     method.to(map_location).eval()
     return method, config
 
+
+
+# =============================================================================================
+# Model sources: a tbps checkpoint, or CLIP weights used zero-shot
+# =============================================================================================
+
+MODEL_OPTION = "--checkpoint"
+MODEL_KINDS = ("checkpoint", "clip")
+# What a Hugging Face CLIP folder holds besides its weights that tbps reads: the model config and
+# the tokenizer files (a README or another framework's weights change nothing and are not hashed).
+HF_CLIP_FILES = (
+    "config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+)
+_SOURCE_HELP = (
+    "give a tbps checkpoint (.ckpt), a Hugging Face CLIP folder (e.g. clip-vit-base-patch16) or OpenAI's CLIP "
+    "file (e.g. ViT-B-16.pt, with bpe_simple_vocab_16e6.txt.gz beside it)"
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``kind`` ``checkpoint`` (a tbps checkpoint file) or ``clip``
+    (CLIP weights, ``format`` ``huggingface`` for a folder or ``openai`` for one file)."""
+
+    kind: str
+    path: Path
+    format: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model source kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+
+    def files(self) -> dict[str, Path]:
+        """The files whose bytes define the model, by name (relative to the CLIP folder, or the
+        file name; for OpenAI's file, the BPE file beside it too). Found by name, never loaded."""
+        from tbps.models.backbones.clip import OPENAI_BPE_FILE, _hf_weight_files
+        from tbps.models.backbones.common import BackboneWeightsError
+
+        if self.kind == "checkpoint":
+            return {self.path.name: self.path}
+        if self.format == "openai":
+            found = {self.path.name: self.path}
+            if (self.path.parent / OPENAI_BPE_FILE).is_file():
+                found[OPENAI_BPE_FILE] = self.path.parent / OPENAI_BPE_FILE
+            return found
+        found = {name: self.path / name for name in HF_CLIP_FILES if (self.path / name).is_file()}
+        try:
+            weights = _hf_weight_files(self.path)
+        except (BackboneWeightsError, OSError, ValueError, KeyError):
+            weights = []  # reported as a changed model (its weights are gone)
+        found.update({file.relative_to(self.path).as_posix(): file for file in weights if file.is_file()})
+        return found
+
+    def exists(self) -> bool:
+        return self.path.is_dir() if self.format == "huggingface" else self.path.is_file()
+
+    def fingerprint(self) -> tuple[str, dict[str, str]]:
+        """``(sha256, {file name: sha256})``. A checkpoint's is its file's sha256; CLIP weights'
+        is the sha256 of the ``sha256sum``-style listing (``<hash>  <name>``, one line per file,
+        sorted by name) of :meth:`files`, i.e. ``sha256sum NAMES | sha256sum`` in the folder."""
+        hashes = {name: sha256_file(path) for name, path in sorted(self.files().items())}
+        if self.kind == "checkpoint":
+            return hashes[self.path.name], hashes
+        listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(hashes.items()))
+        return hashlib.sha256(listing.encode()).hexdigest(), hashes
+
+    def describe(self) -> str:
+        return "checkpoint" if self.kind == "checkpoint" else "CLIP weights"
+
+
+@dataclass
+class LoadedModel:
+    """A method in eval mode, its resolved config and where it came from."""
+
+    method: PersonSearchMethod
+    config: dict[str, Any]
+    source: ModelSource
+
+    def manifest_info(self) -> dict[str, Any]:
+        """What an index records about the model that made it (``checkpoint_sha256``: the
+        fingerprint; ``model_source``: kind, format and the hash of each file)."""
+        digest, hashes = self.source.fingerprint()
+        return {
+            "checkpoint": str(self.source.path),
+            "checkpoint_sha256": digest,
+            "model_source": {"kind": self.source.kind, "format": self.source.format, "files": hashes},
+        }
+
+
+def _unwrap_state_dict(contents: Any) -> Any:
+    for key in ("state_dict", "model", "module"):
+        if isinstance(contents, dict) and key in contents and isinstance(contents[key], dict):
+            contents = contents[key]
+    return contents
+
+
+def _is_openai_clip_state(contents: Any) -> bool:
+    state = _unwrap_state_dict(contents)
+    return isinstance(state, dict) and any(
+        isinstance(key, str) and key.removeprefix("module.").startswith("visual.") for key in state
+    )
+
+
+def _check_clip_folder(path: Path, option: str) -> None:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{option} {str(path)!r} is a folder but not a Hugging Face CLIP model folder (it has no config.json); {_SOURCE_HELP}"
+        )
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, AttributeError, OSError) as error:
+        raise CheckpointError(f"{option} {str(path)!r}: config.json is not a model config ({error})") from None
+    if model_type != "clip":
+        raise CheckpointError(
+            f"{option} {str(path)!r} holds a {model_type!r} model, not CLIP (its config.json must say model_type: clip); {_SOURCE_HELP}"
+        )
+
+
+def open_model_source(
+    path: str | Path,
+    prompt: str | None = None,
+    *,
+    image_size: Sequence[int] | None = None,
+    expected_method: str | None = None,
+    map_location: str = "cpu",
+    option: str = MODEL_OPTION,
+) -> LoadedModel:
+    """Load what stands where a checkpoint stands: a tbps checkpoint, or CLIP weights (zero-shot).
+
+    * a **tbps checkpoint** (a file with tbps metadata): as :func:`load_method`;
+    * a **Hugging Face CLIP folder**, or **OpenAI's CLIP file** (a TorchScript archive, a state
+      dict with ``visual.*`` tensors or a ``.safetensors`` file, with OpenAI's
+      ``bpe_simple_vocab_16e6.txt.gz`` beside it): method ``clip`` built from
+      :func:`tbps.methods.clip_sdm.zero_shot_config`, both towers from ``path``, in eval mode.
+
+    ``prompt``: a template with ``{}`` exactly once that every text is put into before it is
+    tokenised (for CLIP weights, or a checkpoint whose method takes one; others refuse it).
+    ``image_size``: the input size; CLIP weights default to 384x128, a checkpoint keeps the size
+    it was trained at and refuses another (an index passes the size its gallery was encoded at).
+    ``option`` names the setting in error messages (``--checkpoint`` on the command line).
+    Every file is read with ``weights_only=True`` or, for a TorchScript archive, without running it.
+    """
+    from tbps.methods.clip_sdm import check_prompt, zero_shot_config
+    from tbps.models.backbones.clip import OPENAI_BPE_FILE, NotClipModelError, is_torchscript_archive
+    from tbps.models.backbones.common import BackboneWeightsError
+
+    check_prompt(prompt)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{option} {str(path)!r} does not exist: {_SOURCE_HELP}")
+    path = path.resolve()
+    name = f"{option} {str(path)!r}"
+    if path.is_dir():
+        _check_clip_folder(path, option)
+        source = ModelSource("clip", path, "huggingface")
+    elif path.suffix == ".safetensors" or is_torchscript_archive(path):
+        source = ModelSource("clip", path, "openai")
+    else:
+        contents = safe_torch_load(path, name)
+        if isinstance(contents, dict) and "tbps" in contents and "state_dict" in contents:
+            return _open_checkpoint(path, contents, prompt, image_size, expected_method, map_location, option)
+        if not _is_openai_clip_state(contents):
+            raise CheckpointError(f"{name} is neither a tbps checkpoint (no 'tbps' metadata) nor CLIP weights (no visual.* tensors); {_SOURCE_HELP}")
+        source = ModelSource("clip", path, "openai")
+        del contents  # the backbones read the file themselves, tower by tower
+
+    if expected_method is not None and expected_method != "clip":
+        raise CheckpointError(f"{name} holds CLIP weights (method 'clip'), but {expected_method!r} was expected")
+    if source.format == "openai" and not (path.parent / OPENAI_BPE_FILE).is_file():
+        raise CheckpointError(
+            f"{name} is OpenAI's CLIP file, which carries no tokenizer: put OpenAI's {OPENAI_BPE_FILE} (it comes with "
+            "OpenAI's CLIP code) beside it, or use a Hugging Face CLIP folder"
+        )
+    config = zero_shot_config(path, prompt=prompt, image_size=image_size)
+    try:
+        method = create_method("clip", config["model"], 0, image_size=tuple(config["data"]["image_size"]))
+    except (BackboneWeightsError, NotClipModelError) as error:
+        raise CheckpointError(f"{name} holds no CLIP model tbps can load: {error}") from error
+    config["model"]["max_text_length"] = method.max_text_length  # what null resolved to
+    method.to(map_location).eval()
+    return LoadedModel(method, config, source)
+
+
+def _open_checkpoint(
+    path: Path, checkpoint: dict[str, Any], prompt: str | None, image_size: Sequence[int] | None,
+    expected_method: str | None, map_location: str, option: str,
+) -> LoadedModel:
+    meta = checkpoint["tbps"]
+    config = meta["config"]
+    trained = [int(v) for v in config["data"]["image_size"]]
+    if image_size is not None and [int(v) for v in image_size] != trained:
+        raise CheckpointError(
+            f"{option} {str(path)!r} was trained at {trained[0]}x{trained[1]}, but images of "
+            f"{int(image_size[0])}x{int(image_size[1])} were asked for (an index encodes its gallery at one size)"
+        )
+    if prompt is not None:
+        if not getattr(get_method_class(meta["method"]), "accepts_prompt", False):
+            raise CheckpointError(
+                f"--prompt applies to CLIP models (CLIP weights, or a checkpoint of method 'clip'); {option} "
+                f"{str(path)!r} holds method {meta['method']!r}, which takes no prompt template"
+            )
+        config = {**config, "model": {**config["model"], "prompt": prompt}}
+        checkpoint = {**checkpoint, "tbps": {**meta, "config": config}}
+    method, config = load_method(path, expected_method, map_location, checkpoint=checkpoint)
+    return LoadedModel(method, config, ModelSource("checkpoint", path))
+
+
+def load_model_source(
+    path: str | Path,
+    prompt: str | None = None,
+    *,
+    image_size: Sequence[int] | None = None,
+    expected_method: str | None = None,
+    map_location: str = "cpu",
+    option: str = MODEL_OPTION,
+) -> tuple[PersonSearchMethod, dict[str, Any]]:
+    """``(method in eval mode, config)`` from a tbps checkpoint or CLIP weights (:func:`open_model_source`)."""
+    loaded = open_model_source(path, prompt, image_size=image_size, expected_method=expected_method,
+                               map_location=map_location, option=option)
+    return loaded.method, loaded.config
+
+
+def recorded_model_problems(manifest: Mapping[str, Any]) -> list[str]:
+    """Whether the model an index names (its manifest's ``checkpoint``) is still the one it was
+    built with, by hashing the files :class:`ModelSource` names: never loaded, so a swapped file
+    cannot run anything. Empty when it is."""
+    record = manifest.get("model_source") or {"kind": "checkpoint"}  # indexes from before CLIP weights
+    source = ModelSource(record.get("kind", "checkpoint"), Path(manifest["checkpoint"]), record.get("format"))
+    what = source.describe()
+    if not source.exists():
+        return [f"the index's {what} {str(source.path)!r} is missing: pass --checkpoint to search"]
+    digest, hashes = source.fingerprint()
+    expected = manifest["checkpoint_sha256"]
+    if digest == expected:
+        return []
+    detail = ""
+    recorded = record.get("files") or {}
+    if source.kind == "clip" and recorded:
+        changed = sorted(name for name in set(hashes) | set(recorded) if hashes.get(name) != recorded.get(name))
+        detail = f"; files changed, added or removed: {', '.join(changed)}"
+    return [
+        f"the index's {what} {str(source.path)!r} has changed since the index was built "
+        f"(sha256 {digest[:12]} vs {expected[:12]} in the manifest){detail}"
+    ]

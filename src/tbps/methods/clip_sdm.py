@@ -18,6 +18,13 @@ reasoning (the cross-modal MLM), i.e. IRRA's ``loss_names: sdm+id``. Reads like 
    person ids, shared by both modalities, on ``f_v`` and ``f_t``: ``(CE(W f_v) + CE(W f_t)) / 2``
    times ``losses.id``; IRRA initialises ``W`` with std 0.001 and a zero bias.
 4. **Test** (Sec. 3.5): the cosine of the global vectors (the base class's ``similarity``).
+5. **Zero-shot** (no paper section; CLIP, Radford et al. 2021, Sec. 3.1.4's prompts):
+   :func:`zero_shot_config` describes CLIP weights used as they are, with no training, which
+   is how ``tbps.engine.checkpoint.load_model_source`` lets a CLIP folder or file stand wherever
+   a checkpoint stands (``zero_shot: true`` in the config, no ID classifier, SDM unused). The
+   image and text vectors are then CLIP's own embeddings: the projected class token is
+   ``ln_post(x_cls) @ proj`` and the EOS token ``ln_final(x_eos) @ text_projection``, exactly
+   OpenAI's ``encode_image`` / ``encode_text``.
 
 Ablation switches, all under ``model``:
 
@@ -26,7 +33,11 @@ Ablation switches, all under ``model``:
   positive) or a weight, IRRA's optional soft label (same image 1, other same-id pairs 0.3);
 * ``temperature`` (0.02) and ``learnable_temperature`` (false, IRRA);
 * ``image_backbone.position_interpolation``: ``bilinear`` (IRRA) or ``bicubic``; the backbones'
-  ``freeze_stages`` / ``freeze_layers`` as everywhere.
+  ``freeze_stages`` / ``freeze_layers`` as everywhere;
+* ``prompt``: ``null`` (IRRA: captions as they are) or a template with ``{}`` exactly once, e.g.
+  ``"a photo of {}"``: every caption (training, evaluation and search queries alike) is put into
+  it before tokenising (CLIP's prompt engineering; ``tbps ... --prompt``);
+* ``max_text_length``: 77 (CLIP's context) or ``null``, the text model's own context length.
 
 Optimisation (IRRA's Sec. 4.2, in the configs): Adam, lr 1e-5 for CLIP and x5 for the new layers
 (here ``optim.lr`` 5e-5 with ``backbone_lr_mult`` 0.2), 5 warm-up epochs then cosine, 60 epochs,
@@ -37,6 +48,7 @@ optimiser groups.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -50,15 +62,91 @@ from tbps.models.registry import register_method
 
 # CLIP caps its learnt logit scale at 100 (temperature 0.01).
 MAX_LOGIT_SCALE = 100.0
+# Zero-shot input size: the person-crop shape every CLIP-era TBPS method feeds CLIP (IRRA's
+# 384x128; 24x8 patches for ViT-B/16, the 14x14 position grid resampled), so a zero-shot index
+# costs what a fine-tuned one does and person crops keep their aspect ratio.
+ZERO_SHOT_IMAGE_SIZE = (384, 128)
+PROMPT_SLOT = "{}"
+
+
+def check_prompt(template: Any) -> str | None:
+    """``None`` or a template holding ``{}`` exactly once (where the caption goes)."""
+    if template is None:
+        return None
+    if not isinstance(template, str) or template.count(PROMPT_SLOT) != 1:
+        raise ValueError(
+            f"the prompt template (--prompt / model.prompt) must contain {PROMPT_SLOT} exactly once, where the "
+            f"query text goes (e.g. \"a photo of {PROMPT_SLOT}\"), got {template!r}"
+        )
+    return template
+
+
+class PromptedTextProcessor:
+    """A text processor that puts every caption into a prompt template before tokenising.
+
+    Picklable (it runs in data-loader workers); the wrapped processor's attributes (``decode``,
+    ``pad_id``, ...) are reachable through it.
+    """
+
+    def __init__(self, processor: Any, template: str) -> None:
+        self.processor = processor
+        self.template = check_prompt(template)
+        self._before, self._after = self.template.split(PROMPT_SLOT)
+
+    def apply(self, caption: str) -> str:
+        # Plain concatenation, not str.format: a caption holding braces stays as it is.
+        return f"{self._before}{caption}{self._after}"
+
+    def __call__(self, captions: Sequence[str] | str) -> dict[str, Tensor]:
+        batch = [captions] if isinstance(captions, str) else list(captions)
+        return self.processor([self.apply(caption) for caption in batch])
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "processor":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.processor, name)
+
+
+def zero_shot_config(
+    weights: str | Path, *, prompt: str | None = None, image_size: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """The config of CLIP weights used with no training (section 5 of the module docstring).
+
+    ``weights``: a Hugging Face CLIP folder or OpenAI's CLIP file (with OpenAI's BPE file beside
+    it); both towers load from it. ``image_size``: the input (default :data:`ZERO_SHOT_IMAGE_SIZE`).
+    ``max_text_length`` is ``null`` (the text model's context), filled in once the model is built.
+    """
+    size = [int(v) for v in (image_size if image_size is not None else ZERO_SHOT_IMAGE_SIZE)]
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size must be (height, width), got {image_size!r}")
+    path = str(Path(weights).expanduser().resolve())
+    return {
+        "method": "clip",
+        "zero_shot": True,
+        "seed": 0,
+        "data": {"image_size": size},
+        "model": {
+            "image_backbone": {"name": "clip", "pretrained": True, "weights": path},
+            "text_backbone": {"name": "clip", "pretrained": True, "weights": path},
+            "max_text_length": None,
+            "prompt": check_prompt(prompt),
+            # Nothing is trained: no ID classifier is built; SDM is the loss fine-tuning would start with.
+            "losses": {"sdm": 1.0, "id": 0.0, "sdm_same_identity_weight": None},
+        },
+        "eval": {"rerank": "none"},
+    }
 
 
 @register_method("clip")
 class ClipSDM(PersonSearchMethod):
     description = "CLIP image/text encoders fine-tuned with SDM (+ ID loss): IRRA's CLIP global baseline"
+    # Reads model.prompt: tbps.engine.checkpoint passes a --prompt to methods that say they take one.
+    accepts_prompt = True
 
     def __init__(self, config: Any, num_classes: int, image_size: tuple[int, int] | None = None) -> None:
         super().__init__(config, num_classes, image_size)
-        self.max_text_length = int(option(config, "max_text_length", 77))
+        max_text_length = option(config, "max_text_length", 77)
+        self.prompt = check_prompt(option(config, "prompt", None))
         loss_weights = option(config, "losses", {}) or {}
         self.sdm_weight = float(option(loss_weights, "sdm", 1.0))
         self.id_weight = float(option(loss_weights, "id", 1.0))
@@ -91,6 +179,8 @@ class ClipSDM(PersonSearchMethod):
                 f"the text backbone {text_dim}-d (use the same CLIP model for both)"
             )
         self.embed_dim = text_dim
+        # null: the text model's whole context (77 for every OpenAI CLIP).
+        self.max_text_length = int(max_text_length) if max_text_length is not None else self.text_backbone.max_positions
 
         # ---- 3. ID loss: one classifier shared by both modalities (IRRA's init)
         self.identity = IdentityLoss(self.embed_dim, max(self.num_classes, 1), bias=True) if self.id_weight else None
@@ -109,7 +199,8 @@ class ClipSDM(PersonSearchMethod):
 
     def build_text_processor(self) -> TextProcessor:
         # Only the EOS vector is kept, so a batch is padded to its longest caption.
-        return self.text_backbone.build_processor(self.max_text_length, pad_to_longest=True)
+        processor = self.text_backbone.build_processor(self.max_text_length, pad_to_longest=True)
+        return PromptedTextProcessor(processor, self.prompt) if self.prompt is not None else processor
 
     def encode_image(self, images: Tensor) -> Features:
         """``global`` [B, D]: the projected class token."""

@@ -513,17 +513,20 @@ def _write_index_files(
         json.dump(manifest, handle, indent=2)
 
 
-def _checkpoint_info(checkpoint: str | os.PathLike) -> tuple[PersonSearchMethod, dict[str, Any], dict[str, Any]]:
-    from tbps.engine.checkpoint import load_method
+def _checkpoint_info(
+    checkpoint: str | os.PathLike, *, prompt: str | None = None, image_size: Sequence[int] | None = None
+) -> tuple[PersonSearchMethod, dict[str, Any], dict[str, Any]]:
+    """The model (a checkpoint, or CLIP weights: :func:`tbps.engine.checkpoint.open_model_source`)
+    and what the manifest records about it: its path, the hash of its files, its image size."""
+    from tbps.engine.checkpoint import open_model_source
 
-    method, config = load_method(checkpoint)
+    loaded = open_model_source(checkpoint, prompt, image_size=image_size)
     info = {
-        "method": config["method"],
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "checkpoint_sha256": sha256_file(checkpoint),
-        "image_size": [int(v) for v in config["data"]["image_size"]],
+        "method": loaded.config["method"],
+        **loaded.manifest_info(),
+        "image_size": [int(v) for v in loaded.config["data"]["image_size"]],
     }
-    return method, config, info
+    return loaded.method, loaded.config, info
 
 
 def _working_dir(out_dir: Path, suffix: str) -> Path:
@@ -543,8 +546,12 @@ def build_index(
     device: str = "cpu",
     on_batch: ProgressCallback | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    prompt: str | None = None,
 ) -> BuildReport:
     """Embed ``sources`` with the checkpoint's method and write a complete index to ``out_dir``.
+
+    ``checkpoint`` may be CLIP weights instead (zero-shot; a Hugging Face CLIP folder or OpenAI's
+    file); ``prompt`` is then the text template searches use by default (recorded in the config).
 
     ``sources`` from :func:`scan_folder` carry the entries the scan passed over (symbolic links,
     non-regular files); they are reported with the unreadable and oversized images.
@@ -558,7 +565,7 @@ def build_index(
     if not sources:
         raise ValueError("no images to index")
     started = time.perf_counter()
-    method, config, info = _checkpoint_info(checkpoint)
+    method, config, info = _checkpoint_info(checkpoint, prompt=prompt)
     method.to(device)
     work_dir = _working_dir(out_dir, "building")
     digest = _progress_digest(info["checkpoint_sha256"], sources, batch_size, max_pixels)
@@ -732,19 +739,16 @@ def verify_index(index_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
             )
     if checkpoint is not None:
         try:
-            method, config, info = _checkpoint_info(checkpoint)
+            method, config, info = _checkpoint_info(checkpoint, image_size=manifest.get("image_size"))
             dim = probe_feature_dim(method, info["image_size"])
             check_compatible(manifest, method, info["method"], info["checkpoint_sha256"], dim)
         except (IndexCompatibilityError, ValueError) as error:
             problems.append(str(error))
-    elif not Path(manifest["checkpoint"]).is_file():
-        problems.append(f"the index's checkpoint {manifest['checkpoint']!r} is missing: pass --checkpoint to search")
-    elif sha256_file(manifest["checkpoint"]) != manifest["checkpoint_sha256"]:
+    else:
+        from tbps.engine.checkpoint import recorded_model_problems
+
         # Hashed, never loaded: a swapped checkpoint is reported without unpickling it.
-        problems.append(
-            f"the index's checkpoint {manifest['checkpoint']!r} has changed since the index was built "
-            f"(sha256 {sha256_file(manifest['checkpoint'])[:12]} vs {manifest['checkpoint_sha256'][:12]} in the manifest)"
-        )
+        problems.extend(recorded_model_problems(manifest))
     return problems
 
 
@@ -772,7 +776,7 @@ def add_images(
     gallery = GalleryIndex.open(index_dir)
     manifest = gallery.manifest
     max_pixels = check_max_pixels(max_pixels if max_pixels is not None else int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS)))
-    method, config, info = _checkpoint_info(checkpoint or manifest["checkpoint"])
+    method, config, info = _checkpoint_info(checkpoint or manifest["checkpoint"], image_size=manifest.get("image_size"))
     check_compatible(manifest, method, info["method"], info["checkpoint_sha256"])
     method.to(device)
     known = {row["path"] for row in gallery.metadata}

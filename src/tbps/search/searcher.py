@@ -48,7 +48,6 @@ from tbps.search.index import (
     parse_timestamp,
     probe_feature_dim,
 )
-from tbps.utils import sha256_file
 
 MAX_K = 1000
 # Candidates re-scored by two-stage / RVN: enough to recover from stage-1 mistakes, few enough
@@ -166,8 +165,14 @@ class Searcher:
         strict: bool = True,
         image_roots: Sequence[str | os.PathLike] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        prompt: str | None = None,
     ) -> "Searcher":
         """Open an index with its own checkpoint, or ``checkpoint`` after checking it is compatible.
+
+        The checkpoint may be CLIP weights (a Hugging Face CLIP folder or OpenAI's file) for an
+        index built from them (zero-shot): the index records the hash of their files. ``prompt``
+        (a template with ``{}`` once, e.g. ``"a photo of {}"``) is put around every query text;
+        it defaults to the one the index was built with (``"{}"``: none).
 
         ``strict=False`` accepts a checkpoint of the same method and feature size whose weights
         differ (e.g. a later epoch of the same run), which is otherwise refused. ``image_roots``
@@ -175,16 +180,19 @@ class Searcher:
         from (give them for an index you did not build yourself). The checkpoint is read with
         ``weights_only=True`` (:func:`tbps.engine.checkpoint.read_checkpoint`).
         """
-        from tbps.engine.checkpoint import load_method
+        from tbps.engine.checkpoint import open_model_source
 
         index = GalleryIndex.open(index_dir)
         manifest = index.manifest
         path = Path(checkpoint) if checkpoint is not None else Path(manifest["checkpoint"])
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"checkpoint {str(path)!r} not found; pass the checkpoint the index was built with")
-        method, config = load_method(path)
+        if prompt is None:  # the index's own template (zero-shot indexes record it in their config)
+            prompt = ((manifest.get("config") or {}).get("model") or {}).get("prompt")
+        loaded = open_model_source(path, prompt, image_size=manifest.get("image_size"))
+        method, config = loaded.method, loaded.config
         dim = probe_feature_dim(method, config["data"]["image_size"])
-        check_compatible(manifest, method, config["method"], sha256_file(path) if strict else None, dim)
+        check_compatible(manifest, method, config["method"], loaded.source.fingerprint()[0] if strict else None, dim)
         return cls(index, method, config, image_roots=image_roots, max_pixels=max_pixels)
 
     def __len__(self) -> int:

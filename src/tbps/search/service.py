@@ -297,6 +297,7 @@ def create_app(
     image_roots: Sequence[str | os.PathLike] | None = None,
     max_pixels: int | None = None,
     max_decodes: int = DEFAULT_MAX_DECODES,
+    prompt: str | None = None,
 ) -> FastAPI:
     """The FastAPI application serving ``index_dir`` (pass ``searcher`` to reuse an opened one).
 
@@ -306,13 +307,17 @@ def create_app(
     ``image_roots``: the only folders image files are served from (default: the index's own).
     ``max_pixels``: largest image decoded (default: the searcher's, 40 Mpx).
     ``max_decodes``: image decodes allowed to run at once (thumbnails, uploads, explanations).
+    ``checkpoint`` may be CLIP weights (zero-shot index); ``prompt``: the query template
+    (:meth:`Searcher.open`; default: the index's own).
     """
     token = check_token(token)
     if max_decodes < 1:
         raise ValueError(f"max_decodes must be >= 1, got {max_decodes}")
     if max_upload_bytes < 1:
         raise ValueError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
-    searcher = searcher or Searcher.open(index_dir, checkpoint)
+    if searcher is not None and prompt is not None:
+        raise ValueError("prompt is applied when the index is opened: pass it to Searcher.open, not with an opened searcher")
+    searcher = searcher or Searcher.open(index_dir, checkpoint, prompt=prompt)
     if image_roots is not None:
         searcher.image_roots = real_roots(image_roots)
     if max_pixels is not None:

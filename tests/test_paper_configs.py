@@ -1,0 +1,126 @@
+"""Every bundled paper config builds its model, trains one step and scores a 4 x 4 gallery.
+
+Issue 17, item 2: a paper config that no longer builds (a renamed option, a shape that stopped
+fitting, a backbone that lost an argument) must fail here, not in a user's first run. Each
+config is taken as shipped except that its backbones are randomly initialised
+(``pretrained: false``, no weights offline) and the text backbones read the offline stand-ins the
+paper-scale benchmark uses (``benchmarks/bench_paper_scale.py``: BERT-base's configuration with a
+WordPiece vocab of the captions' words, a CLIP-format BPE tokenizer learnt on them). The model is
+built by the engine's ``build_module`` (with the dataset's real classifier size) at the config's
+input size, then one optimisation step at batch 2 (the method's ``forward`` at the config's last
+epoch, so every loss of a staged schedule runs; the sum of its losses; backward; the config's
+optimiser), then ``similarity`` and the config's evaluation route (``eval.rerank``) on 4 images x
+4 captions.
+
+Configs whose method, input size and ``model`` section are identical build the same model (only
+the classifier size, which follows the dataset, differs): one of each kind is built, and
+``test_every_paper_config_is_built_or_shares_a_built_model`` checks the grouping.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_paper_scale as bench  # noqa: E402
+
+CAPTIONS = [
+    "A woman with long black hair wears a white shirt, blue jeans and white sneakers, and carries a brown bag.",
+    "The man has short hair and wears a dark grey jacket, black trousers and black leather shoes.",
+    "A young girl in a pink dress with white flowers, white socks and red shoes, with a yellow backpack.",
+    "This person wears a red hooded sweatshirt, khaki shorts and grey running shoes, and holds an umbrella.",
+    "An older man with grey hair and glasses wears a light blue shirt, dark blue pants and brown shoes.",
+    "She wears a long beige coat, black tights and black boots, with a white scarf and a black handbag.",
+]
+
+PAPER_CONFIGS = bench.paper_configs()
+GROUPS = bench.distinct_configs(PAPER_CONFIGS)
+
+
+def test_every_paper_config_is_built_or_shares_a_built_model() -> None:
+    from tbps.config import CONFIG_DIR, load_config, to_container
+
+    bundled = sorted(f"{p.parent.name}/{p.stem}" for p in CONFIG_DIR.glob("*/*.yaml") if p.stem != "synthetic")
+    assert sorted(PAPER_CONFIGS) == bundled
+    assert sorted(name for same in GROUPS.values() for name in same) == bundled  # each in exactly one group
+    for representative, same in GROUPS.items():
+        built = to_container(load_config(representative))
+        for name in same:
+            config = to_container(load_config(name))
+            assert config["method"] == built["method"], name
+            assert config["data"]["image_size"] == built["data"]["image_size"], name
+            assert config["model"] == built["model"], name
+    # Every method's CUHK-PEDES config is a representative (the first of its method's configs).
+    methods = {name.split("/")[0] for name in bundled}
+    assert {f"{method}/cuhk-pedes" for method in methods} <= set(GROUPS)
+
+
+def test_offline_stand_ins_keep_the_paper_shapes(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    assets = bench.write_assets(tmp_path, CAPTIONS)
+    bert = AutoConfig.from_pretrained(assets["bert"], local_files_only=True)
+    assert (bert.num_hidden_layers, bert.hidden_size, bert.vocab_size) == (12, 768, 30522)
+    tokenizer = AutoTokenizer.from_pretrained(assets["bert"], local_files_only=True)
+    words = CAPTIONS[0].lower().replace(",", " ,").replace(".", " .").split()
+    assert tokenizer.tokenize(CAPTIONS[0]) == words  # one WordPiece token per word, as bert-base-uncased
+    overrides = bench.random_init_overrides("laip/clip-cuhk-pedes", assets)
+    assert overrides == ["model.image_backbone.pretrained=false", "model.text_backbone.pretrained=false",
+                         f"model.text_backbone.weights={assets['bert']}"]
+    assert bench.random_init_overrides("isanet/cuhk-pedes", assets) == ["model.image_backbone.pretrained=false"]
+    assert bench.paper_num_classes(bench.load_paper_config("nafs/icfg-pedes", assets)) == 3102 - 310
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return bench.write_assets(tmp_path_factory.mktemp("paper-assets"), CAPTIONS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_paper_config_builds_trains_one_step_and_scores(name: str, assets: dict[str, str]) -> None:
+    from tbps.data.datasets import Collate
+    from tbps.engine.train import build_module
+    from tbps.evaluation.evaluator import score_features, scoring_options
+
+    torch.manual_seed(0)
+    config = bench.load_paper_config(name, assets)
+    module = build_module(config, {i: i for i in range(bench.paper_num_classes(config))})
+    method = module.method
+    bench.fit_text(method, config, CAPTIONS * 3)
+    processor = method.build_text_processor()
+    height, width = (int(v) for v in config["data"]["image_size"])
+
+    # One optimisation step at batch 2 (two people), in the engine's batch format.
+    items = [{"image": torch.randn(3, height, width), "caption": CAPTIONS[i], "label": i, "person_id": i + 1,
+              "image_id": i, "index": i} for i in range(2)]
+    batch = Collate(processor)(items)
+    method.train()
+    optimizer = bench.make_optimizer(method, config["optim"])
+    epoch = int(config["trainer"]["max_epochs"]) - 1
+    losses = bench.training_step(method, optimizer, batch, torch.device("cpu"), "32-true", epoch)
+    assert losses, name
+    assert all(math.isfinite(float(value)) for value in losses.values()), losses
+    for group, parameters in method.parameter_groups().items():
+        stepped = [p for p in parameters if p.grad is not None and bool(p.grad.abs().sum() > 0)]
+        assert stepped, f"{name}: no {group} parameter received a gradient"
+        assert all(torch.isfinite(p.grad).all() for p in stepped), f"{name}: non-finite {group} gradient"
+        assert all(optimizer.state[p] for p in stepped), f"{name}: the optimiser did not step the {group} parameters"
+    del optimizer, batch
+    gc.collect()
+
+    # The test similarity and the config's evaluation route on 4 images x 4 captions.
+    method.eval()
+    with torch.no_grad():
+        images = method.encode_image(torch.randn(4, 3, height, width))
+        texts = method.encode_text(processor(CAPTIONS[:4]))
+        similarity = method.similarity(texts, images)
+        configured = score_features(method, texts, images, **scoring_options(config))
+    assert similarity.shape == (4, 4) and torch.isfinite(similarity).all(), name
+    assert configured.shape == (4, 4) and torch.isfinite(configured).all(), name

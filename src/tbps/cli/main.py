@@ -11,6 +11,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tbps.cli.data import app as data_app
 from tbps.cli.search import index_app, search_command, serve_command
@@ -27,12 +28,13 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, K
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    # Text, not markup: a path or caption holding "[/]" would otherwise crash rich (issue 15 item 11).
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message))
     raise typer.Exit(code)
 
 
 def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
-    table = Table(title=title)
+    table = Table(title=Text(title))  # titles name datasets and paths: never parsed as markup
     table.add_column("")
     for key in ("R@1", "R@5", "R@10", "mAP", "mINP"):
         table.add_column(key, justify="right")
@@ -80,7 +82,7 @@ def train_command(
     if rows:
         selected = "selected on val" if result.report.get("selection", "").startswith("best") else "no val split: the last checkpoint is the result"
         console.print(metrics_table(f"test split ({selected})", rows))
-    console.print(f"run directory: {result.run_dir}")
+    console.print(Text(f"run directory: {result.run_dir}"))
 
 
 @app.command("eval")
@@ -158,7 +160,7 @@ def eval_command(
         }
         with atomic_write(json_out) as handle:
             json.dump(payload, handle)
-        console.print(f"wrote {json_out}")
+        console.print(Text(f"wrote {json_out}"))
 
 
 @app.command("explain")
@@ -203,7 +205,7 @@ def explain_command(
         atomic_write_bytes(out, png)
     except (*USER_ERRORS, ImportError) as error:  # ImportError: no noun-phrase backend installed
         fail(str(error))
-    console.print(f"wrote {out} ({len(png):,} bytes; rows: {', '.join(rows)})")
+    console.print(Text(f"wrote {out} ({len(png):,} bytes; rows: {', '.join(rows)})"))
 
 
 @app.command("demo")
@@ -224,7 +226,7 @@ def demo_command(
         report = run_demo(out, identities=identities, epochs=epochs, seed=seed)
     except USER_ERRORS as error:
         fail(str(error))
-    console.print(f"[bold green]report:[/] {report}")
+    console.print(Text.assemble(("report:", "bold green"), f" {report}"))
 
 
 if __name__ == "__main__":

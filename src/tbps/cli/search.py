@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from tbps.search.images import DEFAULT_MAX_PIXELS
 
@@ -20,8 +21,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+# User text (queries, paths, captions, error messages) is printed as rich Text, never as a
+# markup string: "[/]" in a query or a folder named "a[/]b" would otherwise be parsed as markup
+# (a MarkupError traceback) and ":smile:" replaced by an emoji.
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message))
     raise typer.Exit(code)
 
 
@@ -31,6 +35,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (FileNotFoundError, FileExistsError, ValueError, KeyError, OSError, CheckpointError)
 
 
+WAIT_HELP = ("seconds to wait while another tbps process writes this index (it holds the index's lock); "
+             "0: fail at once, naming its pid")
 MAX_PIXELS_HELP = "largest image decoded, in pixels (width x height); larger ones are skipped undecoded (decompression bombs)"
 MODEL_HELP = ("a tbps checkpoint (.ckpt), or CLIP weights for zero-shot search with no training: a Hugging Face CLIP "
               "folder or OpenAI's ViT-B-16.pt (with bpe_simple_vocab_16e6.txt.gz beside it)")
@@ -76,9 +82,9 @@ def _print_report(report, verb: str) -> None:
     console.print(f"{verb} {report.indexed} images in {report.seconds:.1f} s"
                   + (f" (resumed after batch {report.resumed_from_batch})" if report.resumed_from_batch else ""))
     if report.skipped:
-        console.print(f"[yellow]skipped {len(report.skipped)} images:[/]")
+        console.print(Text(f"skipped {len(report.skipped)} (images that cannot be read, links, unreadable folders):", style="yellow"))
         for item in report.skipped[:20]:
-            console.print(f"  {item['path']}: {item['reason']}")
+            console.print(Text(f"  {item['path']}: {item['reason']}"))
         if len(report.skipped) > 20:
             console.print(f"  ... and {len(report.skipped) - 20} more (all listed in manifest.json)")
 
@@ -97,7 +103,8 @@ def build_command(
     batch_size: int = typer.Option(64, min=1),
     workers: int = typer.Option(2, min=0, help="image decoding worker processes"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted build from its last completed batch"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing index"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing index (only a folder holding a tbps index and nothing else)"),
+    wait: float = typer.Option(0.0, "--wait", min=0.0, help=WAIT_HELP),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="follow symbolic links whose target lies inside --images or a --link-root (others are skipped and listed)"),
     link_root: Optional[list[Path]] = typer.Option(None, "--link-root", help="with --follow-symlinks: a folder outside --images that links may point into; it becomes an image root of the index (repeatable)"),
@@ -111,12 +118,12 @@ def build_command(
         sources = _sources(images, dataset, root, split, pattern, sidecar, follow_symlinks, link_root)
         with _BatchProgress("embedding") as progress:
             report = build_index(checkpoint, sources, out, kind=kind, batch_size=batch_size, num_workers=workers,
-                                 resume=resume, overwrite=overwrite, device=device, on_batch=progress, max_pixels=max_pixels,
+                                 resume=resume, overwrite=overwrite, device=device, on_batch=progress, max_pixels=max_pixels, wait=wait,
                                  prompt=prompt)
     except _user_errors() as error:
         _fail(str(error))
     _print_report(report, "indexed")
-    console.print(f"index: {out}")
+    console.print(Text(f"index: {out}"))
 
 
 @index_app.command("add")
@@ -132,15 +139,16 @@ def add_command(
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="as for build"),
     link_root: Optional[list[Path]] = typer.Option(None, "--link-root", help="as for build"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help=MAX_PIXELS_HELP + " (default: the index's own)"),
+    wait: float = typer.Option(0.0, "--wait", min=0.0, help=WAIT_HELP),
 ) -> None:
-    """Append images to an index without rebuilding it."""
+    """Append images to an index without rebuilding it (a running tbps serve picks them up)."""
     from tbps.search.index import SearchIndexError, add_images, scan_folder
 
     try:
         sources = scan_folder(images, pattern=pattern, sidecar=sidecar, follow_symlinks=follow_symlinks, link_roots=link_root or ())
         with _BatchProgress("embedding") as progress:
             report = add_images(index, sources, checkpoint=checkpoint, batch_size=batch_size, num_workers=workers,
-                                device=device, on_batch=progress, max_pixels=max_pixels)
+                                device=device, on_batch=progress, max_pixels=max_pixels, wait=wait)
     except (*_user_errors(), SearchIndexError) as error:
         _fail(str(error))
     _print_report(report, "added")
@@ -158,9 +166,9 @@ def info_command(index: Path = typer.Argument(...), as_json: bool = typer.Option
     if as_json:
         console.print_json(json.dumps(summary))
         return
-    table = Table(show_header=False, title=str(index))
+    table = Table(show_header=False, title=Text(str(index)))
     for key, value in summary.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+        table.add_row(key, Text(json.dumps(value) if isinstance(value, (dict, list)) else str(value)))
     console.print(table)
 
 
@@ -176,9 +184,9 @@ def verify_command(
     problems = verify_index(index, checkpoint)
     if problems:
         for problem in problems:
-            err_console.print(f"[bold red]problem:[/] {problem}")
+            err_console.print(Text.assemble(("problem:", "bold red"), " ", problem))
         raise typer.Exit(1)
-    console.print(f"[green]ok[/]: {index} is complete and consistent")
+    console.print(Text.assemble(("ok", "green"), f": {index} is complete and consistent"))
 
 
 def search_command(
@@ -207,15 +215,16 @@ def search_command(
     if as_json:
         print(json.dumps({"query": query, "rerank": rerank, "hits": [hit.to_dict() for hit in hits]}))
     else:
-        table = Table(title=f"{query!r} ({len(hits)} of {len(searcher)} images)")
+        table = Table(title=Text(f"{query!r} ({len(hits)} of {len(searcher)} images)"))
         for column in ("rank", "score", "camera", "time", "path"):
             table.add_column(column, justify="right" if column in ("rank", "score") else "left")
         for hit in hits:
-            table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.metadata.get("camera") or "", hit.metadata.get("timestamp") or "", hit.path)
+            table.add_row(str(hit.rank), f"{hit.score:.4f}", Text(str(hit.metadata.get("camera") or "")),
+                          Text(str(hit.metadata.get("timestamp") or "")), Text(hit.path))
         console.print(table)
     if html_out is not None:
         _write_hits_html(html_out, query, hits, searcher)
-        err_console.print(f"wrote {html_out}")
+        err_console.print(Text(f"wrote {html_out}"))
 
 
 def _write_hits_html(out: Path, query: str, hits, searcher) -> None:
@@ -271,14 +280,24 @@ def serve_command(
                                                     "(repeatable; default: the folders recorded in the index)"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help=MAX_PIXELS_HELP),
     max_decodes: int = typer.Option(2, "--max-decodes", min=1, help="image decodes run at once (uploads, thumbnails, explanations)"),
+    reload_check: Optional[float] = typer.Option(None, "--reload-check", min=0.0, help="seconds between checks whether the index "
+                                                 "changed on disk (tbps index add, a rebuild), a stat each; a change is served from "
+                                                 "the next request (default 1; 0: check on every request)"),
+    auto_reload: bool = typer.Option(True, "--auto-reload/--no-auto-reload", help="serve the index as it changes on disk; "
+                                     "without it, only POST /api/reload re-opens it"),
 ) -> None:
     """Serve the web page and JSON API (OpenAPI docs at /docs) for an index.
 
     On loopback (the default) no token is needed. On any other address a token is required
     (--token or TBPS_TOKEN) unless --insecure; browsers sign in once at /?token=TOKEN.
-    """
-    from tbps.search.service import check_token, is_loopback
 
+    The server follows the index on disk: after `tbps index add` (or a rebuild with the same
+    model) the next request is answered from the new version; POST /api/reload re-reads it now.
+    """
+    from tbps.search.service import RELOAD_CHECK_SECONDS, check_token, is_loopback
+
+    if reload_check is not None and not auto_reload:
+        _fail("--reload-check sets how often the index is checked for changes; it has no effect with --no-auto-reload")
     loopback = is_loopback(host)
     try:
         token = check_token(token)
@@ -291,10 +310,10 @@ def serve_command(
                 "gallery and read every indexed image. Set TBPS_TOKEN (or --token), bind to 127.0.0.1 behind a "
                 "reverse proxy, or pass --insecure to do it anyway"
             )
-        err_console.print(
-            f"[bold red]WARNING:[/] serving {host}:{port} WITHOUT AUTHENTICATION (--insecure): anyone who can reach "
+        err_console.print(Text.assemble(
+            ("WARNING:", "bold red"), f" serving {host}:{port} WITHOUT AUTHENTICATION (--insecure): anyone who can reach "
             "this port can search the gallery and download every indexed image"
-        )
+        ))
     if not loopback and token is not None:
         err_console.print("[yellow]note:[/] the token and the images travel unencrypted over plain HTTP; "
                           "put a TLS reverse proxy in front of tbps serve on an untrusted network")
@@ -310,16 +329,17 @@ def serve_command(
         torch.set_num_threads(workers_threads)
     try:
         app = create_app(index, checkpoint, token=token, allowed_hosts=hosts, cors_origins=cors_origin or (),
-                         image_roots=image_root, max_pixels=max_pixels, max_decodes=max_decodes, prompt=prompt)
+                         image_roots=image_root, max_pixels=max_pixels, max_decodes=max_decodes, prompt=prompt,
+                         reload_check_seconds=(RELOAD_CHECK_SECONDS if reload_check is None else reload_check) if auto_reload else None)
     except (*_user_errors(), SearchIndexError) as error:
         _fail(str(error))
     roots = ", ".join(str(root) for root in app.state.searcher.image_roots)
-    console.print(f"serving {index} on http://{host}:{port}/  (API docs: /docs)")
-    console.print(f"image files are served only from: {roots}")
-    console.print(f"accepted Host names: {', '.join(hosts)}" + (f"; CORS origins: {', '.join(cors_origin)}" if cors_origin else ""))
+    console.print(Text(f"serving {index} on http://{host}:{port}/  (API docs: /docs)"))
+    console.print(Text(f"image files are served only from: {roots}"))
+    console.print(Text(f"accepted Host names: {', '.join(hosts)}" + (f"; CORS origins: {', '.join(cors_origin)}" if cors_origin else "")))
     if token is not None:
-        console.print(f"access token required: open http://{host}:{port}/?token=<your token> once in the browser, "
-                      "or send 'Authorization: Bearer <token>'")
+        console.print(Text(f"access token required: open http://{host}:{port}/?token=<your token> once in the browser, "
+                           "or send 'Authorization: Bearer <token>'"))
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import threading
 from pathlib import Path
@@ -35,6 +36,17 @@ class ImageTooLargeError(ImageLoadError):
 
 class ImageAccessError(PermissionError):
     """A stored image path that is not (or no longer) a regular file inside the image roots."""
+
+
+# "<_io.BytesIO object at 0x7f...>", "<PIL.PngImagePlugin.PngImageFile ... at 0x...>": Pillow puts
+# the file object's repr into some messages; a reason shown to a user never carries one.
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _readable_reason(error: BaseException, label: object) -> str:
+    """The message of a decoding error with any object repr replaced by the image's label."""
+    text = str(error) or type(error).__name__
+    return _OBJECT_REPR.sub(lambda _: str(label), text)
 
 
 def check_max_pixels(max_pixels: int) -> int:
@@ -90,11 +102,11 @@ def decode_image(
     except UnidentifiedImageError:
         raise ImageLoadError(label, "not an image format Pillow can read (or a damaged header)") from None
     except Image.DecompressionBombError as error:
-        raise ImageTooLargeError(label, f"image too large ({error})") from None
+        raise ImageTooLargeError(label, f"image too large ({_readable_reason(error, label)})") from None
     except (OSError, SyntaxError, ValueError) as error:
         # PIL signals unidentified / corrupt / truncated data with OSError subclasses, and some
         # plugins raise SyntaxError or ValueError on malformed headers.
-        raise ImageLoadError(label, str(error) or type(error).__name__) from error
+        raise ImageLoadError(label, _readable_reason(error, label)) from error
 
 
 # --------------------------------------------------------------------------- confinement

@@ -21,11 +21,25 @@ A build writes into ``.<name>.building`` beside the target, keeping one feature 
 completed batch plus ``progress.json``; only a finished build is renamed into place, so an
 interrupted build never leaves a half-written index and ``resume=True`` restarts after the
 last completed batch.
+
+Every writer (a build, ``--resume`` included, and an add) holds the index's *write lock*, an
+exclusive ``flock`` on ``.<name>.lock`` beside the index holding the writer's pid, from before
+it reads the index until its result is renamed into place: two adds at once are serialised
+(``wait`` seconds) or the second fails naming the first's pid, instead of sharing working
+folders and losing one's images. The lock lives beside the index, not in it, because every
+write replaces the index folder. ``overwrite`` replaces only a folder holding a tbps index
+and nothing else, never a folder with other files (such as the images being indexed).
+
+Opening an index checks its manifest (every key the code reads, with its type), every listed
+file's size and, for files up to ``OPEN_HASH_LIMIT`` bytes, its sha256; ``verify_index``
+hashes every file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -37,7 +51,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -70,6 +84,13 @@ INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 # already costs ~100 MB of memory traffic per query.
 EXACT_LIMIT = 100_000
 HNSW_LIMIT = 2_000_000
+# Files up to this size are hashed each time an index is opened: sha256 runs at about 1.2 GB/s
+# here (64 MiB in 0.055 s), so each such file costs at most ~30 ms, and metadata.json stays
+# under it up to ~130k images (global.npy up to ~32k images at 256-d). Larger files get a size
+# check on open and their hash from `tbps index verify`.
+OPEN_HASH_LIMIT = 32 * 1024 * 1024
+# Index files a build writes; `overwrite` replaces a folder only if it holds nothing else.
+INDEX_FILE_PATTERN = re.compile(r"(manifest\.json|metadata\.json|global\.faiss|global\.npy|local_[A-Za-z0-9_]+\.npy)")
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -80,6 +101,10 @@ class SearchIndexError(ValueError):
 
 class IndexCompatibilityError(SearchIndexError):
     """A checkpoint whose method or feature size does not match the index."""
+
+
+class IndexLockedError(SearchIndexError):
+    """Another process is writing the index (it holds the index's write lock)."""
 
 
 @dataclass(frozen=True)
@@ -197,9 +222,13 @@ def scan_folder(
     With it, a link is followed when its target lies inside ``folder`` or inside one of
     ``link_roots`` (folders elsewhere that links may point into, e.g. the originals of a folder
     of links); others are reported. Each target folder is walked once, so link loops end, and a
-    file reached twice is indexed once. Non-regular files (FIFOs, devices) are always passed
-    over. Each source's ``path`` is its resolved location and its ``root`` the allowed folder
-    holding it.
+    file reached twice is indexed once. Non-regular files (FIFOs, devices) with an image's name
+    are always passed over. Each source's ``path`` is its resolved location and its ``root`` the
+    allowed folder holding it.
+
+    Nothing is dropped silently: besides the above, ``skipped`` lists folders that cannot be read
+    (their images are missing from the index) and dangling symbolic links of any name (one may
+    have pointed at a folder of images, e.g. an unmounted share).
     """
     root = Path(folder)
     if not root.is_dir():
@@ -217,7 +246,12 @@ def scan_folder(
     not_followed = "symbolic link, not followed (--follow-symlinks follows links into the folder or a --link-root)"
     found: list[tuple[Path, Path]] = []  # (path as walked, resolved path)
     visited = {real_root}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+
+    def unreadable(error: OSError) -> None:
+        # os.walk skips a folder it cannot list without a word unless told (onerror).
+        skipped.append({"path": str(error.filename), "reason": f"folder cannot be read ({error.strerror or error}); the images in it are not indexed"})
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks, onerror=unreadable):
         here = Path(dirpath)
         keep = []
         for name in sorted(dirnames):
@@ -234,9 +268,13 @@ def scan_folder(
                 keep.append(name)
         dirnames[:] = keep
         for name in filenames:
+            path = here / name
+            dangling = _dangling_link(path)
+            if dangling is not None:
+                skipped.append({"path": str(path), "reason": dangling})
+                continue
             if not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
-            path = here / name
             try:
                 if stat.S_ISLNK(os.lstat(path).st_mode) and not follow_symlinks:
                     skipped.append({"path": str(path), "reason": not_followed})
@@ -266,6 +304,17 @@ def scan_folder(
         holder = next(r for r in allowed if is_inside(real, (r,)))
         sources.append(ImageSource(real, relative, meta.get("camera"), meta.get("timestamp"), root=holder))
     return FolderScan(sources, allowed, skipped)
+
+
+def _dangling_link(path: Path) -> str | None:
+    """The reason to report ``path`` if it is a symbolic link whose target does not exist."""
+    try:
+        if not stat.S_ISLNK(os.lstat(path).st_mode) or os.path.exists(path):
+            return None
+        target = os.readlink(path)
+    except OSError:
+        return None  # removed while scanning: nothing left to report
+    return f"dangling symbolic link: its target {target} does not exist"
 
 
 def dataset_sources(name: str, root: str | os.PathLike, split: str = "test") -> list[ImageSource]:
@@ -508,6 +557,8 @@ def _write_index_files(
         "feature_dim": int(features["global"].shape[1]),
         "local_features": local_shapes,
         "files": {name: sha256_file(out_dir / name) for name in files},
+        # Sizes let every open catch a truncated or replaced file without hashing it.
+        "file_sizes": {name: (out_dir / name).stat().st_size for name in files},
     }
     with atomic_write(out_dir / MANIFEST) as handle:
         json.dump(manifest, handle, indent=2)
@@ -533,6 +584,100 @@ def _working_dir(out_dir: Path, suffix: str) -> Path:
     return out_dir.parent / f".{out_dir.name}.{suffix}"
 
 
+# --------------------------------------------------------------------------- write lock
+LOCK_POLL_SECONDS = 0.1
+
+
+def lock_path(index_dir: str | os.PathLike) -> Path:
+    """The write lock of an index: ``.<name>.lock`` beside it (the folder itself is replaced by
+    every write, so a lock file inside it would be swapped away with it)."""
+    return _working_dir(Path(index_dir), "lock")
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "another process (it has not written its pid yet)"
+
+
+@contextlib.contextmanager
+def index_write_lock(index_dir: str | os.PathLike, wait: float = 0.0) -> Iterator[Path]:
+    """Hold the exclusive write lock of ``index_dir`` (see the module docstring).
+
+    ``wait``: seconds to wait for another writer to finish; after that (at once with 0)
+    :class:`IndexLockedError` names the holder's pid. The lock is an ``flock`` (released by the
+    system if the holder dies, so it is never stale); the file holds the holder's pid and is
+    removed on release, while still locked, so a waiter that opened it before re-opens the new
+    one instead of locking a file that is no longer there.
+    """
+    import fcntl  # POSIX only, as is the rest of the index's file handling
+
+    if wait < 0 or not math.isfinite(wait):
+        raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
+    path = lock_path(index_dir)
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" after waiting {wait:g} s" if wait else ""
+                raise IndexLockedError(
+                    f"index {str(index_dir)!r} is being written by {holder}{waited} (lock {str(path)!r}); "
+                    "wait for it to finish, or pass --wait SECONDS (wait=) to wait for it"
+                ) from None
+            time.sleep(min(LOCK_POLL_SECONDS, left))
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            opened, named = os.fstat(fd), os.stat(path)
+            current = (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)
+        except FileNotFoundError:
+            current = False
+        if not current:  # the previous holder removed this file after we opened it: try the new one
+            os.close(fd)
+            continue
+        break
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)  # releases the flock
+
+
+OVERWRITE_HINT = "--overwrite only replaces an existing tbps index; choose another --out or remove it yourself"
+ADD_HINT = "an add replaces the index folder with the updated index: move them out of it first"
+
+
+def _check_replaceable(out_dir: Path, sources: Sequence[ImageSource], hint: str = OVERWRITE_HINT) -> None:
+    """Refuse to replace anything but a folder holding a tbps index and only its files: never a
+    file, a link, another folder, or one that holds images (``hint`` says what to do)."""
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise FileExistsError(f"{str(out_dir)!r} is {'a symbolic link' if out_dir.is_symlink() else 'not a folder'}; {hint}")
+    real_out = Path(os.path.realpath(out_dir))
+    inside = next((s for s in sources if is_inside(os.path.realpath(s.path), (real_out,)) or is_inside(s.image_root, (real_out,))), None)
+    if inside is not None:
+        raise FileExistsError(f"{str(out_dir)!r} holds the images being indexed (e.g. {str(inside.path)!r}); {hint}")
+    if not (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"{str(out_dir)!r} is not a tbps index (no {MANIFEST}); {hint}")
+    foreign = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in os.scandir(out_dir)
+                     if not (INDEX_FILE_PATTERN.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)))
+    if foreign:
+        shown = ", ".join(repr(name) for name in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{str(out_dir)!r} holds files that are not part of a tbps index ({shown}); {hint}")
+
+
 def build_index(
     checkpoint: str | os.PathLike,
     sources: Sequence[ImageSource],
@@ -547,6 +692,7 @@ def build_index(
     on_batch: ProgressCallback | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     prompt: str | None = None,
+    wait: float = 0.0,
 ) -> BuildReport:
     """Embed ``sources`` with the checkpoint's method and write a complete index to ``out_dir``.
 
@@ -554,7 +700,12 @@ def build_index(
     file); ``prompt`` is then the text template searches use by default (recorded in the config).
 
     ``sources`` from :func:`scan_folder` carry the entries the scan passed over (symbolic links,
-    non-regular files); they are reported with the unreadable and oversized images.
+    non-regular files, unreadable folders); they are reported with the unreadable and oversized
+    images.
+
+    ``overwrite`` replaces ``out_dir`` only if it is a folder holding a tbps index and nothing
+    else (never the images). The build holds the index's write lock throughout (``wait``:
+    seconds to wait for another writer, see :func:`index_write_lock`).
     """
     out_dir = Path(out_dir)
     check_max_pixels(max_pixels)
@@ -563,34 +714,47 @@ def build_index(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not sources:
-        raise ValueError("no images to index")
-    started = time.perf_counter()
-    method, config, info = _checkpoint_info(checkpoint, prompt=prompt)
-    method.to(device)
-    work_dir = _working_dir(out_dir, "building")
-    digest = _progress_digest(info["checkpoint_sha256"], sources, batch_size, max_pixels)
-    transform = image_transform(method, info["image_size"])
-    first = _encode_into(method, transform, sources, work_dir, digest=digest, batch_size=batch_size,
-                         num_workers=num_workers, resume=resume, device=device, on_batch=on_batch, max_pixels=max_pixels)
-    features, metadata, skipped = _gather_batches(work_dir, sources)
-    skipped = _scan_skipped(sources) + skipped
-    if not metadata:
-        raise ValueError(f"none of the {len(sources)} images could be read (first: {skipped[0]['reason'] if skipped else '?'})")
-    index, faiss_params = make_faiss_index(features["global"], kind)
-    report = BuildReport(indexed=len(metadata), skipped=skipped, seconds=time.perf_counter() - started, resumed_from_batch=first)
-    now = datetime.now().astimezone().isoformat(timespec="seconds")
-    manifest = {**info, "config": config, "faiss": faiss_params, "created": now, "updated": now,
-                "image_roots": _source_roots(sources), "max_pixels": max_pixels, "build_report": report.to_dict()}
-    final_dir = _working_dir(out_dir, "final")
-    shutil.rmtree(final_dir, ignore_errors=True)
-    _write_index_files(final_dir, features, metadata, index, manifest)
-    _swap_into_place(final_dir, out_dir)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return report
+        raise ValueError("no images to index" + _skipped_hint(_scan_skipped(sources)))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # for the lock file; the index's own files go there too
+    with index_write_lock(out_dir, wait):
+        # Checked again under the lock: another build may have created out_dir meanwhile.
+        if out_dir.exists() or out_dir.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"{str(out_dir)!r} already exists; pass overwrite=True (--overwrite) to replace it")
+            _check_replaceable(out_dir, sources)
+        started = time.perf_counter()
+        method, config, info = _checkpoint_info(checkpoint, prompt=prompt)
+        method.to(device)
+        work_dir = _working_dir(out_dir, "building")
+        digest = _progress_digest(info["checkpoint_sha256"], sources, batch_size, max_pixels)
+        transform = image_transform(method, info["image_size"])
+        first = _encode_into(method, transform, sources, work_dir, digest=digest, batch_size=batch_size,
+                             num_workers=num_workers, resume=resume, device=device, on_batch=on_batch, max_pixels=max_pixels)
+        features, metadata, skipped = _gather_batches(work_dir, sources)
+        skipped = _scan_skipped(sources) + skipped
+        if not metadata:
+            raise ValueError(f"none of the {len(sources)} images could be read (first: {skipped[0]['reason'] if skipped else '?'})")
+        index, faiss_params = make_faiss_index(features["global"], kind)
+        report = BuildReport(indexed=len(metadata), skipped=skipped, seconds=time.perf_counter() - started, resumed_from_batch=first)
+        now = datetime.now().astimezone().isoformat(timespec="seconds")
+        manifest = {**info, "config": config, "faiss": faiss_params, "created": now, "updated": now,
+                    "image_roots": _source_roots(sources), "max_pixels": max_pixels, "build_report": report.to_dict()}
+        final_dir = _working_dir(out_dir, "final")
+        shutil.rmtree(final_dir, ignore_errors=True)
+        _write_index_files(final_dir, features, metadata, index, manifest)
+        _swap_into_place(final_dir, out_dir, sources)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return report
 
 
 def _scan_skipped(sources: Sequence[ImageSource]) -> list[dict[str, str]]:
     return list(sources.skipped) if isinstance(sources, FolderScan) else []
+
+
+def _skipped_hint(skipped: Sequence[Mapping[str, str]]) -> str:
+    if not skipped:
+        return ""
+    return f" ({len(skipped)} entries passed over, first: {skipped[0]['path']}: {skipped[0]['reason']})"
 
 
 def _source_roots(sources: Sequence[ImageSource], known: Sequence[str] = ()) -> list[str]:
@@ -598,29 +762,91 @@ def _source_roots(sources: Sequence[ImageSource], known: Sequence[str] = ()) -> 
     return sorted(set(known) | {str(source.image_root) for source in sources})
 
 
-def _swap_into_place(new_dir: Path, out_dir: Path) -> None:
-    """Rename a finished index over ``out_dir``; the old one is removed only after the rename."""
+def _swap_into_place(new_dir: Path, out_dir: Path, sources: Sequence[ImageSource], hint: str = OVERWRITE_HINT) -> None:
+    """Rename a finished index over ``out_dir``; the old one is removed only after the rename,
+    and only if it still holds nothing but an index (checked again: the write took a while)."""
     old_dir = _working_dir(out_dir, "old")
     shutil.rmtree(old_dir, ignore_errors=True)
-    if out_dir.exists():
+    if out_dir.exists() or out_dir.is_symlink():
+        _check_replaceable(out_dir, sources, hint)
         os.replace(out_dir, old_dir)
     os.replace(new_dir, out_dir)
     shutil.rmtree(old_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- reading
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_name(value: Any) -> bool:
+    """A plain file name inside the index folder (no separator, not . or ..)."""
+    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", value) is not None
+
+
+# Every manifest key the code reads, with the check its value must pass and what that means.
+# The optional ones are absent from indexes written before they were recorded.
+MANIFEST_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "method": (lambda v: isinstance(v, str) and bool(v), "a method name"),
+    "checkpoint": (lambda v: isinstance(v, str) and bool(v), "a path"),
+    "checkpoint_sha256": (lambda v: isinstance(v, str) and bool(v), "a sha256 hex string"),
+    "image_count": (lambda v: _is_int(v) and v >= 0, "a count"),
+    "feature_dim": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "local_features": (lambda v: isinstance(v, dict) and all(re.fullmatch(r"[A-Za-z0-9_]+", str(k)) and isinstance(d, list) for k, d in v.items()),
+                       "a mapping of feature names to shapes"),
+    "faiss": (lambda v: isinstance(v, dict) and isinstance(v.get("kind"), str), "a mapping with the FAISS 'kind'"),
+    "files": (lambda v: isinstance(v, dict) and all(_is_name(k) and isinstance(h, str) for k, h in v.items()),
+              "a mapping of file names to sha256 strings"),
+}
+OPTIONAL_MANIFEST_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "file_sizes": (lambda v: isinstance(v, dict) and all(_is_int(n) and n >= 0 for n in v.values()), "a mapping of file names to sizes"),
+    "image_roots": (lambda v: isinstance(v, list) and all(isinstance(r, str) and os.path.isabs(r) for r in v), "a list of absolute paths"),
+    "max_pixels": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "image_size": (lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(n) and n >= 1 for n in v), "[height, width]"),
+    "build_report": (lambda v: isinstance(v, dict), "a mapping"),
+    "config": (lambda v: isinstance(v, dict), "a mapping"),
+}
+
+
+def manifest_signature(index_dir: str | os.PathLike) -> tuple[int, int, int, int] | None:
+    """Identifies the manifest now on disk (device, inode, modification time, size; None if
+    there is none). Every write renames a new index folder into place, so it changes with
+    every build and add: a server stats it to notice (one ``stat``, microseconds)."""
+    try:
+        info = os.stat(Path(index_dir) / MANIFEST)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+
+
 def read_manifest(index_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of an index, checked: :class:`SearchIndexError` naming every missing or
+    malformed key (never a KeyError later)."""
     path = Path(index_dir) / MANIFEST
     if not path.is_file():
         raise SearchIndexError(f"{str(index_dir)!r} is not a tbps index (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSON or UTF-8 errors
         raise SearchIndexError(f"{str(path)!r} is damaged: {error}") from None
+    if not isinstance(manifest, dict):
+        raise SearchIndexError(f"{str(path)!r} is damaged: it holds a {type(manifest).__name__}, not a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise SearchIndexError(
             f"index {str(index_dir)!r} has format version {manifest.get('format_version')!r}; "
             f"this tbps reads version {FORMAT_VERSION}: rebuild it with `tbps index build`"
+        )
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    malformed = [f"{key} (expected {what})" for key, (valid, what) in {**MANIFEST_KEYS, **OPTIONAL_MANIFEST_KEYS}.items()
+                 if key in manifest and not valid(manifest[key])]
+    if not missing and not malformed:
+        needed = [GLOBAL_INDEX, GLOBAL_VECTORS, METADATA, *(f"local_{key}.npy" for key in manifest["local_features"])]
+        missing = [f"files[{name!r}]" for name in needed if name not in manifest["files"]]
+    if missing or malformed:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"malformed {', '.join(malformed)}"] if malformed else [])
+        raise SearchIndexError(
+            f"index {str(index_dir)!r} has a damaged {MANIFEST} ({'; '.join(parts)}): "
+            "rebuild it with `tbps index build --overwrite`"
         )
     return manifest
 
@@ -662,11 +888,22 @@ class GalleryIndex:
     vectors: np.ndarray
     local: dict[str, np.ndarray]
     metadata: list[dict[str, Any]]
+    # The manifest file's identity when it was read (:func:`manifest_signature`).
+    signature: tuple[int, int, int, int] | None = None
 
     @classmethod
-    def open(cls, index_dir: str | os.PathLike) -> "GalleryIndex":
+    def open(cls, index_dir: str | os.PathLike, *, hash_limit: int = OPEN_HASH_LIMIT) -> "GalleryIndex":
+        """Open an index after checking its manifest, the size of every file it lists and the
+        sha256 of those up to ``hash_limit`` bytes (0: sizes only); :class:`SearchIndexError`
+        names what is wrong. A flipped byte in a larger file is found by :func:`verify_index`."""
         path = Path(index_dir)
+        signature = manifest_signature(path)
         manifest = read_manifest(path)
+        problems = file_problems(path, manifest, hash_limit=hash_limit)
+        if problems:
+            raise SearchIndexError(
+                f"index {str(path)!r} is damaged: {'; '.join(problems)}; run `tbps index verify` and rebuild it"
+            )
         try:
             faiss_index = faiss.deserialize_index(np.fromfile(path / GLOBAL_INDEX, dtype=np.uint8))
             vectors = np.load(path / GLOBAL_VECTORS, mmap_mode="r", allow_pickle=False)
@@ -674,6 +911,13 @@ class GalleryIndex:
             metadata = json.loads((path / METADATA).read_text())
         except (OSError, ValueError, RuntimeError) as error:
             raise SearchIndexError(f"index {str(path)!r} is damaged or incomplete: {error}; run `tbps index verify`") from error
+        if not isinstance(metadata, list) or not all(isinstance(row, dict) and isinstance(row.get("path"), str) for row in metadata):
+            raise SearchIndexError(f"index {str(path)!r} is damaged: {METADATA} is not a list of image entries with a path; rebuild it")
+        if vectors.ndim != 2 or vectors.shape[1] != manifest["feature_dim"]:
+            raise SearchIndexError(
+                f"index {str(path)!r} is inconsistent: {GLOBAL_VECTORS} holds shape {tuple(vectors.shape)}, "
+                f"the manifest says {manifest['feature_dim']}-d features; rebuild it"
+            )
         count = manifest["image_count"]
         if faiss_index.ntotal != count or len(vectors) != count or len(metadata) != count:
             raise SearchIndexError(
@@ -685,15 +929,16 @@ class GalleryIndex:
             faiss.extract_index_ivf(faiss_index).nprobe = int(params["nprobe"])
         if "ef_search" in params:
             faiss_index.hnsw.efSearch = int(params["ef_search"])
-        return cls(path, manifest, faiss_index, vectors, local, metadata)
+        return cls(path, manifest, faiss_index, vectors, local, metadata, signature)
 
     def __len__(self) -> int:
         return len(self.metadata)
 
-    @property
+    @functools.cached_property
     def image_roots(self) -> tuple[Path, ...]:
         """The folders image files are read from: the manifest's ``image_roots``; for an index
-        built before they were recorded, the folders of the indexed files themselves."""
+        built before they were recorded, the folders of the indexed files themselves. (Computed
+        once: the server asks on every image request.)"""
         roots = self.manifest.get("image_roots")
         if roots is None:
             roots = sorted({os.path.dirname(row["path"]) for row in self.metadata})
@@ -708,6 +953,27 @@ class GalleryIndex:
         return features
 
 
+def file_problems(index_dir: Path, manifest: Mapping[str, Any], *, hash_limit: int | None) -> list[str]:
+    """What is wrong with the files a (checked) manifest lists: missing, another size than
+    recorded, or (for files up to ``hash_limit`` bytes; None: all) another sha256."""
+    sizes = manifest.get("file_sizes") or {}
+    problems = []
+    for name, expected in manifest["files"].items():
+        file = index_dir / name
+        try:
+            info = file.stat()
+        except FileNotFoundError:
+            problems.append(f"{name}: missing")
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            problems.append(f"{name}: not a regular file")
+        elif name in sizes and info.st_size != sizes[name]:
+            problems.append(f"{name}: {info.st_size:,} bytes, the manifest says {sizes[name]:,} (truncated or replaced)")
+        elif (hash_limit is None or info.st_size <= hash_limit) and sha256_file(file) != expected:
+            problems.append(f"{name}: checksum mismatch (modified or damaged)")
+    return problems
+
+
 def verify_index(index_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> list[str]:
     """Check checksums, counts and (optionally) a checkpoint; returns the problems found (empty: OK)."""
     path = Path(index_dir)
@@ -715,17 +981,11 @@ def verify_index(index_dir: str | os.PathLike, checkpoint: str | os.PathLike | N
         manifest = read_manifest(path)
     except SearchIndexError as error:
         return [str(error)]
-    problems = []
-    for name, expected in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{name}: missing")
-        elif sha256_file(file) != expected:
-            problems.append(f"{name}: checksum mismatch (modified or damaged)")
+    problems = file_problems(path, manifest, hash_limit=None)
     if problems:
         return problems
     try:
-        gallery = GalleryIndex.open(path)
+        gallery = GalleryIndex.open(path, hash_limit=0)  # every file was hashed just above
     except SearchIndexError as error:
         problems.append(str(error))
         gallery = None
@@ -762,6 +1022,7 @@ def add_images(
     device: str = "cpu",
     on_batch: ProgressCallback | None = None,
     max_pixels: int | None = None,
+    wait: float = 0.0,
 ) -> BuildReport:
     """Append images to an index without re-embedding the old ones (already indexed paths are skipped).
 
@@ -769,66 +1030,81 @@ def add_images(
     the new images' folders join the index's image roots.
 
     The updated index is written beside the old one and renamed into place, so a failed add
-    leaves the old index untouched.
+    leaves the old index untouched. The add holds the index's write lock from before it reads
+    the index until the result is in place (``wait``: seconds to wait for another writer, see
+    :func:`index_write_lock`), so two adds at once never lose each other's images.
     """
-    started = time.perf_counter()
     index_dir = Path(index_dir)
-    gallery = GalleryIndex.open(index_dir)
-    manifest = gallery.manifest
-    max_pixels = check_max_pixels(max_pixels if max_pixels is not None else int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS)))
-    method, config, info = _checkpoint_info(checkpoint or manifest["checkpoint"], image_size=manifest.get("image_size"))
-    check_compatible(manifest, method, info["method"], info["checkpoint_sha256"])
-    method.to(device)
-    known = {row["path"] for row in gallery.metadata}
-    new_sources = [source for source in sources if str(source.path) not in known]
-    report = BuildReport()
-    report.skipped.extend(_scan_skipped(sources))
-    report.skipped.extend({"path": str(s.path), "reason": "already indexed"} for s in sources if str(s.path) in known)
-    if not new_sources:
+    read_manifest(index_dir)  # "not a tbps index" before anything is created beside it
+    with index_write_lock(index_dir, wait):
+        started = time.perf_counter()
+        _check_replaceable(index_dir, sources, ADD_HINT)
+        gallery = GalleryIndex.open(index_dir)
+        manifest = gallery.manifest
+        max_pixels = check_max_pixels(max_pixels if max_pixels is not None else int(manifest.get("max_pixels", DEFAULT_MAX_PIXELS)))
+        method, config, info = _checkpoint_info(checkpoint or manifest["checkpoint"], image_size=manifest.get("image_size"))
+        check_compatible(manifest, method, info["method"], info["checkpoint_sha256"])
+        method.to(device)
+        known = {row["path"] for row in gallery.metadata}
+        new_sources = [source for source in sources if str(source.path) not in known]
+        report = BuildReport()
+        report.skipped.extend(_scan_skipped(sources))
+        report.skipped.extend({"path": str(s.path), "reason": "already indexed"} for s in sources if str(s.path) in known)
+        if not new_sources:
+            report.seconds = time.perf_counter() - started
+            return report
+        work_dir = _working_dir(index_dir, "adding")
+        digest = _progress_digest(info["checkpoint_sha256"], new_sources, batch_size, max_pixels)
+        _encode_into(method, image_transform(method, info["image_size"]), new_sources, work_dir, digest=digest,
+                     batch_size=batch_size, num_workers=num_workers, resume=False, device=device, on_batch=on_batch,
+                     max_pixels=max_pixels)
+        features, metadata, skipped = _gather_batches(work_dir, new_sources)
+        report.skipped.extend(skipped)
+        report.indexed = len(metadata)
+        if metadata:
+            # FAISS appends to a trained index in place: the old vectors are never re-embedded.
+            faiss_index = gallery.faiss_index
+            faiss_index.add(np.ascontiguousarray(features["global"], dtype=np.float32))
+            merged = {"global": np.concatenate([np.asarray(gallery.vectors), features["global"]])}
+            for key, values in gallery.local.items():
+                merged[key] = np.concatenate([np.asarray(values), features[key]])
+            report.seconds = time.perf_counter() - started
+            old_roots = [str(root) for root in gallery.image_roots]
+            updated = {**manifest, "updated": datetime.now().astimezone().isoformat(timespec="seconds"),
+                       "image_roots": _source_roots(new_sources, old_roots), "max_pixels": max_pixels,
+                       "last_add_report": report.to_dict()}
+            final_dir = _working_dir(index_dir, "final")
+            shutil.rmtree(final_dir, ignore_errors=True)
+            rows = gallery.metadata + metadata
+            del gallery  # drop the memory maps before the files are replaced
+            _write_index_files(final_dir, merged, rows, faiss_index, updated)
+            _swap_into_place(final_dir, index_dir, sources, ADD_HINT)
+        shutil.rmtree(work_dir, ignore_errors=True)
         report.seconds = time.perf_counter() - started
         return report
-    work_dir = _working_dir(index_dir, "adding")
-    digest = _progress_digest(info["checkpoint_sha256"], new_sources, batch_size, max_pixels)
-    _encode_into(method, image_transform(method, info["image_size"]), new_sources, work_dir, digest=digest,
-                 batch_size=batch_size, num_workers=num_workers, resume=False, device=device, on_batch=on_batch,
-                 max_pixels=max_pixels)
-    features, metadata, skipped = _gather_batches(work_dir, new_sources)
-    report.skipped.extend(skipped)
-    report.indexed = len(metadata)
-    if metadata:
-        # FAISS appends to a trained index in place: the old vectors are never re-embedded.
-        faiss_index = gallery.faiss_index
-        faiss_index.add(np.ascontiguousarray(features["global"], dtype=np.float32))
-        merged = {"global": np.concatenate([np.asarray(gallery.vectors), features["global"]])}
-        for key, values in gallery.local.items():
-            merged[key] = np.concatenate([np.asarray(values), features[key]])
-        report.seconds = time.perf_counter() - started
-        old_roots = [str(root) for root in gallery.image_roots]
-        updated = {**manifest, "updated": datetime.now().astimezone().isoformat(timespec="seconds"),
-                   "image_roots": _source_roots(new_sources, old_roots), "max_pixels": max_pixels,
-                   "last_add_report": report.to_dict()}
-        final_dir = _working_dir(index_dir, "final")
-        shutil.rmtree(final_dir, ignore_errors=True)
-        rows = gallery.metadata + metadata
-        del gallery  # drop the memory maps before the files are replaced
-        _write_index_files(final_dir, merged, rows, faiss_index, updated)
-        _swap_into_place(final_dir, index_dir)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def manifest_rows(index_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The metadata rows of an index, in id order."""
-    return json.loads((Path(index_dir) / METADATA).read_text())
+    """The metadata rows of an index, in id order (:class:`SearchIndexError` if damaged)."""
+    path = Path(index_dir) / METADATA
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SearchIndexError(f"index {str(index_dir)!r} is incomplete: no {METADATA}; rebuild it") from None
+    except ValueError as error:
+        raise SearchIndexError(f"{str(path)!r} is damaged: {error}; rebuild the index") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise SearchIndexError(f"{str(path)!r} is damaged: not a list of image entries; rebuild the index")
+    return rows
 
 
-def index_summary(index_dir: str | os.PathLike) -> dict[str, Any]:
-    """What ``tbps index info`` prints: counts, method, FAISS settings, cameras, time range."""
-    manifest = read_manifest(index_dir)
-    rows = manifest_rows(index_dir)
-    cameras = sorted({row["camera"] for row in rows if row.get("camera")})
-    times = sorted(row["timestamp"] for row in rows if row.get("timestamp"))
+def index_summary(index_dir: str | os.PathLike, gallery: GalleryIndex | None = None) -> dict[str, Any]:
+    """What ``tbps index info`` prints: counts, method, FAISS settings, cameras, time range
+    (of ``gallery``, an opened version of the index, when given)."""
+    manifest = gallery.manifest if gallery is not None else read_manifest(index_dir)
+    rows = gallery.metadata if gallery is not None else manifest_rows(index_dir)
+    cameras = sorted({row["camera"] for row in rows if isinstance(row.get("camera"), str) and row["camera"]})
+    times = sorted(row["timestamp"] for row in rows if isinstance(row.get("timestamp"), str) and row["timestamp"])
     size = sum(f.stat().st_size for f in Path(index_dir).iterdir() if f.is_file())
     return {
         "path": str(Path(index_dir).resolve()),
@@ -841,9 +1117,10 @@ def index_summary(index_dir: str | os.PathLike) -> dict[str, Any]:
         "checkpoint_sha256": manifest["checkpoint_sha256"],
         "image_roots": manifest.get("image_roots"),
         "max_pixels": manifest.get("max_pixels"),
-        "created": manifest["created"],
-        "updated": manifest["updated"],
-        "skipped_at_build": manifest["build_report"]["skipped_count"],
+        # Descriptive keys: an index missing them is still usable, so they are not required.
+        "created": manifest.get("created"),
+        "updated": manifest.get("updated"),
+        "skipped_at_build": (manifest.get("build_report") or {}).get("skipped_count"),
         "cameras": cameras,
         "time_range": [times[0], times[-1]] if times else None,
         "bytes_on_disk": size,

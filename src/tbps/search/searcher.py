@@ -17,6 +17,7 @@ ranks a gallery exactly as ``tbps eval`` ranks a test split:
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
@@ -43,6 +44,7 @@ from tbps.search.images import (
 )
 from tbps.search.index import (
     GalleryIndex,
+    IndexCompatibilityError,
     check_compatible,
     image_transform,
     parse_timestamp,
@@ -148,7 +150,7 @@ class Searcher:
         self.transform = image_transform(method, self.image_size)
         self.text_processor = method.build_text_processor()
         # Image files are read only inside these folders (the index's own unless given).
-        self.image_roots = real_roots(image_roots) if image_roots is not None else index.image_roots
+        self.image_roots = image_roots
         self.max_pixels = check_max_pixels(max_pixels)
         if score_tile_bytes < 1:
             raise ValueError(f"score_tile_bytes must be >= 1, got {score_tile_bytes}")
@@ -199,6 +201,37 @@ class Searcher:
         return len(self.index)
 
     @property
+    def image_roots(self) -> tuple[Path, ...]:
+        """The only folders image files are read from: those given (``image_roots``, or assigned
+        later), else the index's own, which follow the index through :meth:`reopen`."""
+        return self._image_roots if self._image_roots is not None else self.index.image_roots
+
+    @image_roots.setter
+    def image_roots(self, roots: Sequence[str | os.PathLike] | None) -> None:
+        self._image_roots = real_roots(roots) if roots is not None else None
+
+    def reopen(self) -> "Searcher":
+        """A searcher over the index as it is on disk now (after ``tbps index add`` or a rebuild),
+        sharing this one's model, text processor, image roots and limits; this one is unchanged.
+
+        The index on disk must have been made by the same model as the one open here (method,
+        feature size and checkpoint hash, as recorded in both manifests), else
+        :class:`IndexCompatibilityError`: its embeddings would not be comparable with the queries.
+        """
+        index = GalleryIndex.open(self.index.path)
+        served = self.index.manifest
+        try:
+            check_compatible(index.manifest, self.method, served["method"], served["checkpoint_sha256"], served["feature_dim"])
+        except IndexCompatibilityError as error:
+            raise IndexCompatibilityError(
+                f"the index on disk was rebuilt with another model than the one being served ({error}); "
+                "restart with its checkpoint to serve it"
+            ) from None
+        fresh = copy.copy(self)
+        fresh.index = index
+        return fresh
+
+    @property
     def scoring(self) -> str:
         """``"global"`` when the method's test score is the global cosine (FAISS ranks), else
         ``"method"`` (every allowed image is scored with the method's ``similarity``)."""
@@ -209,14 +242,15 @@ class Searcher:
     def open_image_file(self, image_id: int):
         """The indexed file of ``image_id``, opened, if it is still a regular file inside the
         image roots (:func:`~tbps.search.images.open_inside_roots`); the caller closes it."""
-        self._check_id(image_id)
-        return open_inside_roots(self.index.metadata[int(image_id)]["path"], self.image_roots)
+        image_id = self._check_id(image_id)
+        return open_inside_roots(self.index.metadata[image_id]["path"], self.image_roots)
 
     def load_image(self, image_id: int, *, semaphore: threading.Semaphore | None = None, exif_transpose: bool = False) -> Image.Image:
         """The decoded RGB picture of ``image_id`` (confined to the image roots, at most
         ``max_pixels`` pixels)."""
+        image_id = self._check_id(image_id)
         with self.open_image_file(image_id) as handle:
-            return decode_image(handle, max_pixels=self.max_pixels, name=self.index.metadata[int(image_id)]["path"],
+            return decode_image(handle, max_pixels=self.max_pixels, name=self.index.metadata[image_id]["path"],
                                 semaphore=semaphore, exif_transpose=exif_transpose)
 
     # ------------------------------------------------------------------ encoding
@@ -342,7 +376,7 @@ class Searcher:
     def search_by_id(self, image_id: int, k: int = 10, *, filters: SearchFilters | Mapping[str, Any] | None = None) -> list[Hit]:
         """Nearest images to an indexed image, from its stored embedding (no re-encoding)."""
         _check_k(k)
-        self._check_id(image_id)
+        image_id = self._check_id(image_id)
         return self.search_by_vector(np.asarray(self.index.vectors[image_id], dtype=np.float32), k, filters=filters)
 
     def search_by_vector(self, vector: np.ndarray, k: int, *, filters: SearchFilters | Mapping[str, Any] | None = None) -> list[Hit]:
@@ -357,9 +391,15 @@ class Searcher:
             hits.append(Hit(int(image_id), rank, float(score), row["path"], meta))
         return hits
 
-    def _check_id(self, image_id: int) -> None:
-        if not 0 <= int(image_id) < len(self.index):
+    def _check_id(self, image_id: int) -> int:
+        """``image_id`` as an int, if it is an integer id in the index: a string, float or bool is a
+        TypeError (not a numpy IndexError from the lookup), an id out of range a KeyError."""
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer)):
+            raise TypeError(f"image id must be an integer, got {image_id!r} ({type(image_id).__name__})")
+        image_id = int(image_id)
+        if not 0 <= image_id < len(self.index):
             raise KeyError(f"no image with id {image_id} (the index holds ids 0..{len(self.index) - 1})")
+        return image_id
 
     # ------------------------------------------------------------------ explanations
     def phrases(self, text: str, max_phrases: int = 5) -> list[str]:
@@ -381,8 +421,7 @@ class Searcher:
         """
         if not text.strip():
             raise ValueError("the query text is empty")
-        image_id = hit.id if isinstance(hit, Hit) else int(hit)
-        self._check_id(image_id)
+        image_id = self._check_id(hit.id if isinstance(hit, Hit) else hit)
         picture = self.load_image(image_id)
         own = self.method.explain(self.transform(picture), text.strip())
         if own is not None:

@@ -19,6 +19,13 @@ requests get a 4xx with a message. Exposure is closed by default:
   their header, and at most ``max_decodes`` decodes run at once.
 * **/docs** and **/redoc** load Swagger UI / ReDoc from files shipped with the
   ``fastapi-offline`` package, so they work offline and contact no CDN.
+
+The served index follows the index on disk: API requests stat its manifest (at most once per
+``reload_check_seconds``) and, when ``tbps index add`` or a rebuild has replaced it, the
+request that notices re-opens it and swaps the new version in as one object (searcher,
+summary, thumbnail caches), so a request is answered from one version, never a mix.
+``POST /api/reload`` re-opens it on demand. A version that cannot be served (damaged, or
+made by another model) is logged and the previous one stays.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ import logging
 import mimetypes
 import os
 import threading
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional, Sequence
@@ -53,7 +62,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tbps.data.records import ImageLoadError
 from tbps.evaluation.evaluator import RERANK_MODES
 from tbps.search.images import ImageAccessError, ImageTooLargeError, check_max_pixels, decode_image, iter_file, real_roots
-from tbps.search.index import index_summary, parse_timestamp
+from tbps.search.index import IndexCompatibilityError, SearchIndexError, index_summary, manifest_signature, parse_timestamp
 from tbps.search.searcher import Hit, Searcher
 
 log = logging.getLogger(__name__)
@@ -74,6 +83,9 @@ MIN_TOKEN_CHARS = 16
 SESSION_COOKIE = "tbps_session"
 # The only paths reachable without the token: the login page and its form.
 PUBLIC_PATHS = ("/", "/login")
+# Seconds between checks of the index on disk: a stat each, so the cost is nil; a second keeps
+# a change visible almost at once without stating on every thumbnail of a page of results.
+RELOAD_CHECK_SECONDS = 1.0
 
 
 class _LRU:
@@ -97,6 +109,102 @@ class _LRU:
             self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class _Version:
+    """One version of the served index and everything that depends on its image ids."""
+
+    searcher: Searcher
+    summary: dict[str, Any]
+    thumbnails: _LRU
+    explanations: _LRU
+
+    @classmethod
+    def of(cls, searcher: Searcher) -> "_Version":
+        return cls(searcher, index_summary(searcher.index.path, searcher.index), _LRU(4096), _LRU(256))
+
+
+class LiveIndex:
+    """The index being served, swapped for a new version when the index on disk changes.
+
+    ``check_seconds``: how often requests look at the manifest (None: never; :meth:`reload`
+    still works). Readers take :attr:`current` once per request; a swap is one assignment.
+    """
+
+    def __init__(self, searcher: Searcher, check_seconds: float | None = RELOAD_CHECK_SECONDS) -> None:
+        if check_seconds is not None and not check_seconds >= 0:
+            raise ValueError(f"reload_check_seconds must be >= 0 or None, got {check_seconds!r}")
+        self.check_seconds = check_seconds
+        self.current = _Version.of(searcher)
+        self.reloads = 0
+        self._lock = threading.Lock()  # one reload at a time
+        self._next_check = 0.0
+        self._failed: tuple | None = None  # a signature that could not be served: not retried until it changes
+
+    def changed(self) -> bool:
+        """Whether a check is due and finds a new manifest (cheap: a clock read, at most one stat)."""
+        if self.check_seconds is None:
+            return False
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + self.check_seconds
+        signature = manifest_signature(self.current.searcher.index.path)
+        # None: between the two renames of a swap, or removed; keep serving what is open.
+        return signature is not None and signature not in (self.current.searcher.index.signature, self._failed)
+
+    def refresh(self) -> None:
+        """Re-open the index if it changed; on failure keep serving the current version (logged).
+        A request that finds another one reloading does not wait: the current version answers it."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._reopen()
+        except (SearchIndexError, OSError) as error:
+            log.warning("the index on disk changed but cannot be served; still serving the previous version: %s", error)
+        finally:
+            self._lock.release()
+
+    def reload(self) -> _Version:
+        """Re-open the index now (waiting for a reload in progress); raises what prevents it."""
+        with self._lock:
+            return self._reopen()
+
+    def _reopen(self) -> _Version:
+        path = self.current.searcher.index.path
+        before = manifest_signature(path)
+        try:
+            fresh = self.current.searcher.reopen()
+        except (SearchIndexError, OSError):
+            if manifest_signature(path) == before:  # a stable index that cannot be served
+                self._failed = before
+            else:  # it was being replaced while we read it: look again at the next request
+                self._next_check = 0.0
+            raise
+        if manifest_signature(path) != fresh.index.signature:
+            self._next_check = 0.0
+            raise SearchIndexError("the index was replaced again while it was being opened; try again")
+        version = _Version.of(fresh)
+        self.current = version
+        self._failed = None
+        self.reloads += 1
+        log.info("serving the index as updated %s: %d images", version.summary.get("updated"), len(fresh))
+        return version
+
+
+class _WatchIndex:
+    """ASGI middleware: before an API request, reload the index if it changed on disk (the
+    reload runs in a worker thread; the request then sees the new version)."""
+
+    def __init__(self, app: ASGIApp, live: LiveIndex) -> None:
+        self.app = app
+        self.live = live
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/") and self.live.changed():
+            await run_in_threadpool(self.live.refresh)
+        await self.app(scope, receive, send)
 
 
 def _hit_json(hit: Hit) -> dict[str, Any]:
@@ -298,6 +406,7 @@ def create_app(
     max_pixels: int | None = None,
     max_decodes: int = DEFAULT_MAX_DECODES,
     prompt: str | None = None,
+    reload_check_seconds: float | None = RELOAD_CHECK_SECONDS,
 ) -> FastAPI:
     """The FastAPI application serving ``index_dir`` (pass ``searcher`` to reuse an opened one).
 
@@ -307,6 +416,8 @@ def create_app(
     ``image_roots``: the only folders image files are served from (default: the index's own).
     ``max_pixels``: largest image decoded (default: the searcher's, 40 Mpx).
     ``max_decodes``: image decodes allowed to run at once (thumbnails, uploads, explanations).
+    ``reload_check_seconds``: how often API requests check whether the index changed on disk
+    (0: every request; None: never, ``POST /api/reload`` only).
     ``checkpoint`` may be CLIP weights (zero-shot index); ``prompt``: the query template
     (:meth:`Searcher.open`; default: the index's own).
     """
@@ -323,9 +434,8 @@ def create_app(
     if max_pixels is not None:
         searcher.max_pixels = check_max_pixels(max_pixels)
     decodes = threading.BoundedSemaphore(max_decodes)
-    summary = index_summary(index_dir)
-    thumbnails = _LRU(4096)
-    explanations = _LRU(256)
+    # Every request below takes live.current once and answers from that version only.
+    live = LiveIndex(searcher, reload_check_seconds)
     app = FastAPI(
         title="tbps search",
         description="Find people in an indexed gallery by description or by example image.",
@@ -368,12 +478,12 @@ def create_app(
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
 
-    def image_row(image_id: int) -> dict[str, Any]:
+    def image_row(searcher: Searcher, image_id: int) -> dict[str, Any]:
         if not 0 <= image_id < len(searcher):
             raise HTTPException(404, f"no image with id {image_id}")
         return searcher.index.metadata[image_id]
 
-    def image_unavailable(image_id: int, error: Exception) -> HTTPException:
+    def image_unavailable(searcher: Searcher, image_id: int, error: Exception) -> HTTPException:
         """410 for a file gone or unreadable, 403 for one no longer inside the image roots; the
         server path stays in the server log."""
         log.warning("image %d: %s", image_id, error)
@@ -385,7 +495,7 @@ def create_app(
             return HTTPException(410, f"image {image_id} is no longer on disk")
         return HTTPException(410, f"image {image_id} cannot be read")
 
-    def decode_upload(data: bytes) -> Any:
+    def decode_upload(searcher: Searcher, data: bytes) -> Any:
         try:
             return decode_image(data, max_pixels=searcher.max_pixels, semaphore=decodes)
         except ImageTooLargeError as error:
@@ -395,12 +505,14 @@ def create_app(
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "images": len(searcher)}
+        return {"status": "ok", "images": len(live.current.searcher)}
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         """Index summary: method, counts, cameras and time range (for the page's filters)."""
-        public = {k: v for k, v in summary.items() if k not in ("path", "checkpoint", "image_roots")}
+        version = live.current
+        searcher = version.searcher
+        public = {k: v for k, v in version.summary.items() if k not in ("path", "checkpoint", "image_roots")}
         return {**public, "scoring": searcher.scoring,
                 "limits": {"max_k": MAX_K, "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": max_upload_bytes,
                            "max_pixels": searcher.max_pixels},
@@ -416,8 +528,24 @@ def create_app(
         time_to: Optional[str] = Query(None, max_length=40),
     ) -> dict[str, Any]:
         text = check_query(q)
-        hits = searcher.search(text, k=k, rerank=rerank, filters=filters(camera, time_from, time_to))
+        hits = live.current.searcher.search(text, k=k, rerank=rerank, filters=filters(camera, time_from, time_to))
         return {"query": text, "k": k, "rerank": rerank, "hits": [_hit_json(h) for h in hits]}
+
+    @app.post("/api/reload")
+    def reload() -> dict[str, Any]:
+        """Re-open the index from disk now and serve it (also done by itself when the index
+        changes); 409, with the previous version still served, if it cannot be served."""
+        try:
+            version = live.reload()
+        except IndexCompatibilityError as error:
+            log.warning("reload refused: %s", error)
+            raise HTTPException(409, "the index on disk was made by another model than the one being served; "
+                                     "restart tbps serve with its checkpoint. Still serving the previous version") from None
+        except (SearchIndexError, OSError) as error:
+            log.warning("reload failed: %s", error)
+            raise HTTPException(409, "the index on disk cannot be opened (damaged, incomplete or being replaced; "
+                                     "details in the server log). Still serving the previous version") from None
+        return {"images": len(version.searcher), "updated": version.summary.get("updated"), "reloads": live.reloads}
 
     @app.post("/api/search/image", openapi_extra=UPLOAD_OPENAPI)
     async def search_image(request: Request, k: int = Query(20, ge=1, le=MAX_K)) -> dict[str, Any]:
@@ -428,62 +556,69 @@ def create_app(
         data = await upload.read()
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
-        picture = await run_in_threadpool(decode_upload, data)
+        searcher = live.current.searcher
+        picture = await run_in_threadpool(decode_upload, searcher, data)
         hits = await run_in_threadpool(searcher.search_by_image, picture, k)
         return {"k": k, "hits": [_hit_json(h) for h in hits]}
 
     @app.get("/api/images/{image_id}")
     def image(image_id: int) -> StreamingResponse:
-        row = image_row(image_id)
+        searcher = live.current.searcher
+        row = image_row(searcher, image_id)
         try:
             handle = searcher.open_image_file(image_id)
         except OSError as error:
-            raise image_unavailable(image_id, error) from None
+            raise image_unavailable(searcher, image_id, error) from None
         size = os.fstat(handle.fileno()).st_size
         media_type = mimetypes.guess_type(row["path"])[0] or "application/octet-stream"
         return StreamingResponse(iter_file(handle), media_type=media_type, headers={"Content-Length": str(size)})
 
     @app.get("/api/images/{image_id}/meta")
     def image_meta(image_id: int) -> dict[str, Any]:
-        row = image_row(image_id)
+        row = image_row(live.current.searcher, image_id)
         return {"id": image_id, **{k: v for k, v in row.items() if k != "path"}}
 
     @app.get("/api/images/{image_id}/thumbnail")
     def thumbnail(image_id: int, h: int = Query(128)) -> Response:
-        image_row(image_id)
+        version = live.current
+        searcher = version.searcher
+        image_row(searcher, image_id)
         if h not in THUMBNAIL_HEIGHTS:
             raise HTTPException(422, f"h: thumbnail height must be one of {THUMBNAIL_HEIGHTS}")
-        data = thumbnails.get((image_id, h))
+        data = version.thumbnails.get((image_id, h))
         if data is None:
             try:
                 picture = searcher.load_image(image_id, semaphore=decodes, exif_transpose=True)
             except OSError as error:
-                raise image_unavailable(image_id, error) from None
+                raise image_unavailable(searcher, image_id, error) from None
             picture.thumbnail((4 * h, h), Image.Resampling.LANCZOS)  # shrinks only, keeps the aspect ratio
             buffer = io.BytesIO()
             picture.save(buffer, format="JPEG", quality=85)
             data = buffer.getvalue()
-            thumbnails.put((image_id, h), data)
+            version.thumbnails.put((image_id, h), data)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/images/{image_id}/similar")
     def similar(image_id: int, k: int = Query(20, ge=1, le=MAX_K)) -> dict[str, Any]:
-        image_row(image_id)
+        searcher = live.current.searcher
+        image_row(searcher, image_id)
         return {"id": image_id, "k": k, "hits": [_hit_json(h) for h in searcher.search_by_id(image_id, k=k)]}
 
     @app.get("/api/images/{image_id}/explain")
     def explain(image_id: int, q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS)) -> Response:
-        image_row(image_id)
+        version = live.current
+        searcher = version.searcher
+        image_row(searcher, image_id)
         text = check_query(q)
         key = (image_id, text)
-        data = explanations.get(key)
+        data = version.explanations.get(key)
         if data is None:
             try:
                 with decodes:
                     data = searcher.explain(image_id, text).png
             except OSError as error:
-                raise image_unavailable(image_id, error) from None
-            explanations.put(key, data)
+                raise image_unavailable(searcher, image_id, error) from None
+            version.explanations.put(key, data)
         return Response(data, media_type="image/png")
 
     def login_response(request: Request, candidate: str) -> Response:
@@ -516,10 +651,13 @@ def create_app(
 
     # Starlette runs the middleware added last first: CORS (which answers preflight requests,
     # which carry no credentials) wraps the guard.
+    # The index watch runs inside the guard: requests that are refused never stat or reload.
+    app.add_middleware(_WatchIndex, live=live)
     app.add_middleware(_Guard, allowed_hosts=list(allowed_hosts) if allowed_hosts is not None else list(LOOPBACK_HOSTS), token=token)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization"], allow_credentials=False)
-    app.state.searcher = searcher
+    app.state.live = live  # live.current.searcher: the searcher now being served
+    app.state.searcher = searcher  # the one opened at start
     app.state.decodes = decodes
     return app

@@ -67,9 +67,11 @@ from torch import Tensor, nn
 
 from tbps.losses import CMPCLoss, cmpm_loss, similarity_kl_alignment
 from tbps.models.attention import (
-    candidate_cross_attention_similarity,
     cross_attention_scores,
     cross_attention_similarity,
+    fast_candidate_cross_attention_similarity,
+    fast_cross_attention_similarity,
+    requires_autograd,
 )
 from tbps.models.backbones import create_image_backbone, create_text_backbone
 from tbps.models.backbones.common import option
@@ -420,10 +422,16 @@ class ACSA(PersonSearchMethod):
     def cross_scale_similarities(
         self, image_features: Mapping[str, Tensor], text_features: Mapping[str, Tensor], max_elements: int | None = None
     ) -> tuple[Tensor | None, Tensor | None]:
-        """``(S, S')`` (eqs. 6 and 11), ``[images x texts]`` each; None for a direction switched off."""
+        """``(S, S')`` (eqs. 6 and 11), ``[images x texts]`` each; None for a direction switched off.
+
+        Without autograd (evaluation) the same numbers come from the evaluation kernel
+        :func:`~tbps.models.attention.fast_cross_attention_similarity`.
+        """
         text, mask = self.text_entities(text_features)
-        return cross_attention_similarity(
-            self.visual_entities(image_features), text, mask, self.lambda_i2t, self.lambda_t2i,
+        visual = self.visual_entities(image_features)
+        score = cross_attention_similarity if requires_autograd(visual, text) else fast_cross_attention_similarity
+        return score(
+            visual, text, mask, self.lambda_i2t, self.lambda_t2i,
             image_to_text=self.uses_image_to_text, text_to_image=self.uses_text_to_image, max_elements=max_elements,
         )
 
@@ -469,11 +477,14 @@ class ACSA(PersonSearchMethod):
         trimmed["phrases"], trimmed["phrase_mask"] = text_features["phrases"][:, :keep], mask[:, :keep]
         return trimmed
 
+    @torch.no_grad()
     def similarity(self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor]) -> Tensor:
         """``[texts x images]``: global cosine, ACAM score, or ``global + local_weight * ACAM``.
 
-        The ACAM part is tiled over the pair grid (``similarity_max_elements``), so a full
-        CUHK-PEDES test matrix never holds more than one tile of ``[pairs x m x n]`` tensors.
+        The ACAM part comes from the evaluation kernel
+        (:func:`~tbps.models.attention.fast_cross_attention_similarity`, the training-time
+        numbers computed near the matrix-multiply bound), with at most ``similarity_max_elements``
+        entries per ``[pairs x m x n]`` tile.
         """
         if not self.uses_acam or self.test_similarity == "global":
             return self.global_similarity(text_features, image_features)
@@ -485,37 +496,32 @@ class ACSA(PersonSearchMethod):
             return local
         return self.global_similarity(text_features, image_features) + self.local_weight * local
 
+    @torch.no_grad()
     def score_candidates(
         self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor], candidates: Tensor
     ) -> Tensor:
-        """Score text ``t`` against ``candidates[t]`` only, ``[texts x k]``, batched over blocks of texts.
+        """Score text ``t`` against ``candidates[t]`` only, ``[texts x k]``.
 
-        The same number as :meth:`similarity` on those pairs.
+        The same number as :meth:`similarity` on those pairs
+        (:func:`~tbps.models.attention.fast_candidate_cross_attention_similarity` gathers each
+        block of texts' candidates, tiles within ``similarity_max_elements``).
         """
         text_unit = F.normalize(text_features["global"].float(), dim=-1)
         image_unit = F.normalize(image_features["global"].float(), dim=-1)
+        global_scores = torch.einsum("td,tkd->tk", text_unit, image_unit[candidates])
         if not self.uses_acam or self.test_similarity == "global":
-            return torch.einsum("td,tkd->tk", text_unit, image_unit[candidates])
+            return global_scores
         text_features = self._trim_phrase_padding(text_features)
-        visual = self.visual_entities(image_features)  # [I, m, d]
-        text, mask = self.text_entities(text_features)  # [T, n, d]
-        num_texts, k = candidates.shape
-        m, (n, dim) = visual.shape[1], text.shape[1:]
-        block = max(1, self.similarity_max_elements // max(1, k * m * max(n, m, dim)))
-        rows = []
-        for start in range(0, num_texts, block):
-            part = slice(start, start + block)
-            scores = candidate_cross_attention_similarity(
-                visual[candidates[part]], text[part], mask[part], self.lambda_i2t, self.lambda_t2i,
-                image_to_text=self.uses_image_to_text, text_to_image=self.uses_text_to_image,
-            )
-            local = self._mean_directions(*scores).float()
-            if self.test_similarity == "global+local":
-                local = torch.einsum("td,tkd->tk", text_unit[part], image_unit[candidates[part]]) + self.local_weight * local
-            rows.append(local)
-        if not rows:
-            return torch.zeros((0, k), dtype=torch.float32, device=candidates.device)
-        return torch.cat(rows)
+        text, mask = self.text_entities(text_features)
+        scores = fast_candidate_cross_attention_similarity(
+            self.visual_entities(image_features), text, mask, candidates, self.lambda_i2t, self.lambda_t2i,
+            image_to_text=self.uses_image_to_text, text_to_image=self.uses_text_to_image,
+            max_elements=self.similarity_max_elements,
+        )
+        local = self._mean_directions(*scores).float()
+        if self.test_similarity == "local":
+            return local
+        return global_scores + self.local_weight * local
 
     # ------------------------------------------------------------------ visualisation (Fig. 5)
     @torch.no_grad()

@@ -82,13 +82,14 @@ from tbps.models.attention import (
     NON_LOCAL_LAMBDA_TEXT,
     ContextualNonLocalAttention,
     attention_selectivity,
-    candidate_bidirectional_non_local_similarity,
+    fast_candidate_bidirectional_non_local_similarity,
+    requires_autograd,
 )
 from tbps.models.backbones import create_image_backbone, create_text_backbone
 from tbps.models.backbones.common import option
 from tbps.models.backbones.image import ImageBackbone
 from tbps.models.backbones.text import BiLSTMText, TextBackbone, TransformerText
-from tbps.models.base import Features, PersonSearchMethod, TextProcessor, index_features, pool_tokens
+from tbps.models.base import Features, PersonSearchMethod, TextProcessor, pool_tokens
 from tbps.models.registry import register_method
 from tbps.text.split import split_sub_sentences, sub_sentence_token_spans, token_span_masks
 from tbps.text.tokenizers import token_strings
@@ -664,7 +665,10 @@ class NAFS(PersonSearchMethod):
         each by the non-local attention within the pair of scales, averaged.
         """
         image_local, text_local, text_mask = image_features["local"], text_features["local"], text_features["local_mask"]
-        queries, image_values, keys, text_values = self.attention.project(image_local, text_local)
+        if requires_autograd(image_local, text_local, *self.attention.parameters()):
+            queries, image_values, keys, text_values = self.attention.project(image_local, text_local)
+        else:  # evaluation: padded text slots are not projected (the attention ignores them)
+            queries, image_values, keys, text_values = self.attention.project_for_evaluation(image_local, text_local, text_mask)
         if self.alignment == "joint":
             return self.attention.similarities_from_projections(
                 queries, image_values, None, keys, text_values, text_mask, max_elements
@@ -852,11 +856,14 @@ class NAFS(PersonSearchMethod):
         return losses
 
     # ------------------------------------------------------------------ 5. similarity at test
+    @torch.no_grad()
     def similarity(self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor]) -> Tensor:
         """``[texts x images]``: global cosine, non-local score, or their sum (``test_similarity``).
 
-        The non-local part is tiled over the pair grid (``similarity_max_elements``), so a full
-        CUHK-PEDES test matrix never holds more than one tile of ``[pairs x m x n]`` tensors.
+        The non-local part comes from the evaluation kernel
+        (:func:`~tbps.models.attention.fast_bidirectional_non_local_similarity`: the same numbers
+        as the training-time attention, computed near the matrix-multiply bound), tiled over the
+        pair grid with at most ``similarity_max_elements`` entries per ``[pairs x m x n]`` tile.
         """
         if not self.has_local or self.test_similarity == "global":
             return self.global_similarity(text_features, image_features)
@@ -867,75 +874,51 @@ class NAFS(PersonSearchMethod):
             return local
         return self.global_similarity(text_features, image_features) + local
 
+    @torch.no_grad()
     def score_candidates(
         self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor], candidates: Tensor
     ) -> Tensor:
-        """Score text ``t`` against ``candidates[t]`` only, ``[texts x k]``, batched over texts.
+        """Score text ``t`` against ``candidates[t]`` only, ``[texts x k]``.
 
-        The same number as :meth:`similarity` on those pairs; texts are processed in blocks so a
-        block's ``[texts x k x m x D]`` gathered image features stay within the memory budget.
+        The same number as :meth:`similarity` on those pairs: the gallery is projected once and
+        :func:`~tbps.models.attention.fast_candidate_bidirectional_non_local_similarity` gathers
+        each block of texts' candidates (tiles within ``similarity_max_elements``).
         """
+        text_unit = F.normalize(text_features["global"].float(), dim=-1)
+        image_unit = F.normalize(image_features["global"].float(), dim=-1)
+        global_scores = torch.einsum("td,tkd->tk", text_unit, image_unit[candidates])
         if not self.has_local or self.test_similarity == "global":
-            text = F.normalize(text_features["global"].float(), dim=-1)
-            image = F.normalize(image_features["global"].float(), dim=-1)
-            return torch.einsum("td,tkd->tk", text, image[candidates])
+            return global_scores
         text_features = self._trim_text_padding(text_features)
-        num_texts, k = candidates.shape
-        m = image_features["local"].shape[1]
-        n, dim = text_features["local"].shape[1:]
-        block = max(1, self.similarity_max_elements // max(1, k * max(m * n, m * dim)))
-        # Project every gallery image once, then gather the candidates' projections.
-        image_projected = {
-            "global": image_features["global"],
-            "query": self.attention.image_query(image_features["local"]),
-            "value": self.attention.image_value(image_features["local"]),
-        }
-        rows = []
-        for start in range(0, num_texts, block):
-            rows.append(
-                self._score_candidate_block(
-                    index_features(text_features, slice(start, start + block)), image_projected, candidates[start : start + block]
-                )
-            )
-        if not rows:
-            return torch.zeros((0, k), dtype=torch.float32, device=candidates.device)
-        return torch.cat(rows)
-
-    def _score_candidate_block(
-        self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor], candidates: Tensor
-    ) -> Tensor:
-        """One block of texts; ``image_features`` holds ``global`` and the projected ``query``/``value``."""
-        queries, image_values = image_features["query"][candidates], image_features["value"][candidates]  # [T, k, m, D]
         text_local, text_mask = text_features["local"], text_features["local_mask"]
-        keys, text_values = self.attention.text_key(text_local), self.attention.text_value(text_local)
         attention = self.attention
-        if self.alignment == "joint":
-            pairs = [(slice(None), slice(None))]
-        else:
-            pairs = self._scale_slices()
+        queries, image_values, keys, text_values = attention.project_for_evaluation(
+            image_features["local"], text_local, text_mask
+        )
+        pairs = [(slice(None), slice(None))] if self.alignment == "joint" else self._scale_slices()
         totals: list[Tensor | None] = [None, None]
         for image_slice, text_slice in pairs:
-            if self.alignment == "separate" and image_slice.stop == 1:
-                cosine = torch.einsum(  # local slot 0 is the global vector
-                    "tkd,td->tk", F.normalize(image_features["global"][candidates], dim=-1), F.normalize(text_local[:, 0], dim=-1)
+            if image_slice.stop == 1:  # separate alignment: local slot 0 is the global vector
+                cosine = torch.einsum(
+                    "tkd,td->tk",
+                    F.normalize(image_features["global"], dim=-1)[candidates],
+                    F.normalize(text_local[:, 0], dim=-1),
                 )
                 parts = (cosine if attention.uses_image_to_text else None, cosine if attention.uses_text_to_image else None)
             else:
-                parts = candidate_bidirectional_non_local_similarity(
-                    queries[:, :, image_slice], image_values[:, :, image_slice],
-                    keys[:, text_slice], text_values[:, text_slice], text_mask[:, text_slice],
+                parts = fast_candidate_bidirectional_non_local_similarity(
+                    queries[:, image_slice], image_values[:, image_slice],
+                    keys[:, text_slice], text_values[:, text_slice], text_mask[:, text_slice], candidates,
                     attention.image_inverse_temperature, attention.text_inverse_temperature, attention.focal,
                     image_to_text=attention.uses_image_to_text, text_to_image=attention.uses_text_to_image,
-                    lambda_scaling=attention.lambda_scaling,
+                    max_elements=self.similarity_max_elements, lambda_scaling=attention.lambda_scaling,
                 )
             totals = [part if total is None else (total if part is None else total + part) for total, part in zip(totals, parts)]
         totals = [None if total is None else total / len(pairs) for total in totals]
         local = self._mean_directions(totals[0], totals[1]).float()
         if self.test_similarity == "local":
             return local
-        text = F.normalize(text_features["global"].float(), dim=-1)
-        image = F.normalize(image_features["global"].float(), dim=-1)[candidates]
-        return torch.einsum("td,tkd->tk", text, image) + local
+        return global_scores + local
 
 
 __all__ = [

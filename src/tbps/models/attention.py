@@ -17,7 +17,7 @@ stays bounded. There is no Python loop over pairs.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -460,6 +460,12 @@ class ContextualNonLocalAttention(nn.Module):
             raise ValueError(f"directions must be both, image-to-text or text-to-image, got {directions!r}")
         if lambda_scaling not in LAMBDA_SCALINGS:
             raise ValueError(f"lambda_scaling must be one of {LAMBDA_SCALINGS}, got {lambda_scaling!r}")
+        if image_inverse_temperature < 0 or text_inverse_temperature < 0:
+            # A negative lambda would attend to the *least* similar features; the evaluation
+            # kernels (fast_bidirectional_non_local_similarity) take the largest logit as s' grows.
+            raise ValueError(
+                f"inverse temperatures must be >= 0, got {image_inverse_temperature} / {text_inverse_temperature}"
+            )
         self.image_query = nn.Linear(dim, dim)
         self.image_value = nn.Linear(dim, dim)
         self.text_key = nn.Linear(dim, dim)
@@ -539,13 +545,35 @@ class ContextualNonLocalAttention(nn.Module):
         text_mask: Tensor | None,
         max_elements: int | None = None,
     ) -> tuple[Tensor | None, Tensor | None]:
-        """Both directions from already projected features (see :meth:`forward`)."""
-        return bidirectional_non_local_similarity(
+        """Both directions from already projected features (see :meth:`forward`).
+
+        With autograd (training) this is :func:`bidirectional_non_local_similarity`; without
+        (evaluation, ``torch.no_grad()``) the same numbers come from
+        :func:`fast_bidirectional_non_local_similarity`, ``max_elements`` capping its tiles.
+        """
+        score = bidirectional_non_local_similarity
+        if not requires_autograd(image_queries, image_values, text_keys, text_values):
+            score = fast_bidirectional_non_local_similarity
+        return score(
             image_queries, image_values, image_mask, text_keys, text_values, text_mask,
             self.image_inverse_temperature, self.text_inverse_temperature, self.focal,
             image_to_text=self.uses_image_to_text, text_to_image=self.uses_text_to_image, max_elements=max_elements,
             lambda_scaling=self.lambda_scaling,
         )
+
+    def project_for_evaluation(
+        self, image_features: Tensor, text_features: Tensor, text_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`project` without gradients, for scoring: text features are projected only where
+        ``text_mask`` is 1 (padding comes out 0, which the evaluation kernels ignore), float32
+        CPU products through oneDNN (:func:`linear_for_evaluation`)."""
+        with torch.no_grad():
+            return (
+                linear_for_evaluation(image_features, self.image_query),
+                linear_for_evaluation(image_features, self.image_value),
+                linear_for_evaluation(text_features, self.text_key, text_mask),
+                linear_for_evaluation(text_features, self.text_value, text_mask),
+            )
 
     def matched_attention(
         self, image_queries: Tensor, text_keys: Tensor, image_mask: Tensor | None = None, text_mask: Tensor | None = None
@@ -746,6 +774,781 @@ def candidate_cross_attention_similarity(
 
 
 __all__ += ["candidate_cross_attention_similarity", "cross_attention_scores", "cross_attention_similarity"]
+
+
+# =============================================================================================
+# Evaluation kernels: the same scores as the functions above, computed near the GEMM bound
+# =============================================================================================
+#
+# At test time every caption is scored against every gallery image (CUHK-PEDES: 6,156 x 3,074
+# pairs), without gradients. The functions above build every ``[pairs, m, n]`` intermediate with
+# autograd-friendly out-of-place ops; the ``fast_*`` kernels below give the same numbers
+# (same softmax, focal filter, masks, lambda scaling, both directions) with only the
+# arithmetic that cannot be avoided.
+#
+# Cheapest exact formulation, per (image, caption) pair with m image features, n *valid* text
+# features and dimension D (multiply-adds):
+#
+# * NAFS: the pair's cosine matrix ``I_Q^ T_K^T`` and value-product matrix ``I_V T_V^T``,
+#   2 m n D. The attended vectors ``r_a = sum_b alpha_ab t_vb`` are never formed: eq. 4's
+#   cosine needs ``v_a . r_a = sum_b alpha_ab (v_a . t_vb)`` (the value products again) and
+#   ``||r_a||^2 = alpha_a^T G_T alpha_a`` with the caption's Gram matrix ``G_T`` (n x n,
+#   computed once per caption): m n^2; the text-to-image direction reads the same two
+#   matrices and the image's Gram matrix: n m^2. Everything else (clip, normalisations,
+#   focal filter, exponentials, sums) is O(m n). With D = 768, m = 6 and n = 33 that is
+#   304,128 + 6,534 + 1,188 multiply-adds per pair, 97.5 % of it in the two products.
+# * ACSA: one cosine matrix, m n D; ``G_t`` (n^2 m) and ``G_v`` (m^2 n) as above.
+#
+# The two products are one GEMM each over a tile of images x captions, ``[a m, D] @ [D, t n]``
+# (laid out ``[a, m, t, n]``), so the bound is that GEMM's rate. What keeps the rest small:
+#
+# * captions are sorted by their number of valid features and tiled in that order with their
+#   valid features packed first, so padding (a 100-token word slot range, 8 sub-sentence
+#   slots) is never multiplied; padding is zero, which makes it drop out of every sum below;
+# * softmax normalisation is skipped: the cosine of eq. 4 (NAFS) and eq. 5 / eq. 10 (ACSA) is
+#   unchanged when a query's weights are all multiplied by one positive number, so
+#   ``exp(logit - c)`` with any per-query ``c`` gives the same relevance as the softmax. ``c``
+#   is the query's largest logit (NAFS: found from the largest normalised cosine, since
+#   ``[s - mu]_+ s`` grows with ``s``); exponents below -40 are raised to -40 (weights under
+#   e^-40 = 4e-18 of the largest, far below float32 resolution) because ``exp`` of very
+#   negative arguments is ten times slower on CPUs;
+# * ACSA folds each value norm into its weight (``log ||t_j||`` added to the exponent), so the
+#   numerators and context norms use the unit vectors' cosine and Gram matrices directly, and
+#   padded phrases (norm 0) get weight exactly 0;
+# * NAFS folds lambda and the count scaling into the normalised cosine:
+#   ``lambda f [K (s^ - mean s^)]_+ s^ = [s' - mean s']_+ s'`` with ``s' = sqrt(lambda f K) s^``;
+# * every intermediate lives in per-worker buffers reused from tile to tile, and ops write in
+#   place (``out=``): on a CPU a fresh large tensor costs page faults on every tile;
+# * on a CPU, ``workers`` threads (default: ``torch.get_num_threads()``) each score their own
+#   text blocks with one intra-op thread: a tile's ops are ~0.1 ms, and an OpenMP fork/join per
+#   op costs milliseconds whenever another process holds one of the cores;
+# * float32 GEMMs go through oneDNN on CPUs that have it (``mkldnn._linear_pointwise``, the
+#   kernel behind ``torch.compile``'s CPU linear): twice MKL's rate on this AMD machine, same
+#   float32 arithmetic.
+#
+# Results equal the reference functions to float32 rounding (tests/test_attention_eval.py:
+# 1e-5 against a literal per-pair loop; benchmarks/bench_eval_cost.py: 1e-4 at CUHK-PEDES size).
+# One difference on degenerate input: a caption with no valid feature scores 0 in both
+# directions (the reference NAFS functions give NaN for it image-to-text; ACSA's give 0).
+
+import math as _math
+import threading as _threading
+from concurrent.futures import ThreadPoolExecutor as _ThreadPoolExecutor
+
+# Exponents below this are raised to it before exp (see above).
+_EXP_FLOOR = -40.0
+# Entries of one [a, m, t, n] tile: 1 MB per float32 intermediate on a CPU (a worker's half
+# dozen of them stay in cache); on a GPU, enough to fill it.
+EVAL_TILE_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+
+
+def requires_autograd(*tensors: Tensor | None) -> bool:
+    """Whether an op on ``tensors`` would be recorded by autograd (grad mode on and one of them
+    requires grad): the methods score with the evaluation kernels when it would not."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _refuse_autograd(name: str, *tensors: Tensor | None) -> None:
+    if requires_autograd(*tensors):
+        raise RuntimeError(
+            f"{name} is an evaluation kernel without gradients; call it under torch.no_grad() "
+            "or use the differentiable function it mirrors"
+        )
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 stays float64 (exact tests), anything else is computed in float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _matmul_nt(left: Tensor, right: Tensor, relu: bool = False) -> Tensor:
+    """``left [M, D] @ right [N, D]^T`` (optionally clipped at 0), oneDNN on a CPU for float32."""
+    if left.device.type == "cpu" and left.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._linear_pointwise(left, right, None, "relu" if relu else "none", [], "")
+    product = left @ right.t()
+    return product.clamp_(min=0) if relu else product
+
+
+def linear_for_evaluation(features: Tensor, layer: nn.Linear, mask: Tensor | None = None) -> Tensor:
+    """``layer(features)`` without gradients, float32 CPU products through oneDNN (as
+    :func:`_matmul_nt`); with ``mask`` (``features.shape[:-1]``, 1 = real) only the real rows
+    are projected and the others come out 0 (padding, which the evaluation kernels ignore)."""
+    _refuse_autograd("linear_for_evaluation", features, layer.weight)
+    rows = features.reshape(-1, features.shape[-1])
+    keep = None if mask is None else mask.reshape(-1).bool()
+    if keep is not None:
+        rows = rows[keep]
+    if rows.device.type == "cpu" and rows.dtype == layer.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        projected = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), layer.weight, layer.bias, "none", [], "")
+    else:
+        projected = layer(rows)
+    if keep is not None:
+        full = projected.new_zeros(keep.shape[0], projected.shape[-1])
+        full[keep] = projected
+        projected = full
+    return projected.view(*features.shape[:-1], projected.shape[-1])
+
+
+class _Buffers:
+    """Named scratch tensors of one worker, grown on demand and reused from tile to tile."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.like = like
+        self.store: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, *shape: int) -> Tensor:
+        size = _math.prod(shape)
+        flat = self.store.get(name)
+        if flat is None or flat.numel() < size:
+            flat = torch.empty(max(size, 1), dtype=self.like.dtype, device=self.like.device)
+            self.store[name] = flat
+        return flat[:size].view(shape)
+
+
+def _eval_workers(device: torch.device, workers: int | None) -> int:
+    if workers is not None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        return workers
+    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+def _parallel_map(function: Callable, items: list, workers: int) -> None:
+    """``function(item)`` for every item, on ``workers`` threads with one intra-op thread each."""
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            function(item)
+        return
+    previous = torch.get_num_threads()
+
+    def run(item) -> None:
+        # Per thread: OpenMP's thread count is a per-thread setting (torch restores the
+        # process default below, which new threads copy).
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        function(item)
+
+    try:
+        with _ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+            for _ in pool.map(run, items):
+                pass
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _tile_budget(device: torch.device, max_elements: int | None) -> int:
+    preferred = EVAL_TILE_ELEMENTS.get(device.type, EVAL_TILE_ELEMENTS["cuda"])
+    return max(1, preferred if max_elements is None else min(preferred, int(max_elements)))
+
+
+def _text_blocks(counts: Tensor, columns: int) -> tuple[Tensor, list[tuple[int, int, int]]]:
+    """Texts sorted by valid-feature count, cut into blocks of about ``columns`` features.
+
+    Returns the order and ``(start, stop, n)`` per block (positions in the order, the block's
+    largest count). Texts without a valid feature form no block (their scores stay 0).
+    """
+    order = torch.argsort(counts, stable=True)
+    sorted_counts = counts[order].tolist()
+    blocks = []
+    start = next((i for i, c in enumerate(sorted_counts) if c > 0), len(sorted_counts))
+    while start < len(sorted_counts):
+        stop = start + 1
+        while stop < len(sorted_counts) and (stop + 1 - start) * sorted_counts[stop] <= columns:
+            stop += 1
+        blocks.append((start, stop, int(sorted_counts[stop - 1])))
+        start = stop
+    return order, blocks
+
+
+def _pack_valid(mask: Tensor, rows: Tensor, n: int, *features: Tensor) -> tuple[Tensor, ...]:
+    """Rows ``rows`` of ``[T, N, D]`` features with their valid slots first, cut to ``n`` slots,
+    invalid slots zeroed. Returns the packed mask ``[t, n]`` then the packed features."""
+    row_mask = mask[rows]
+    slots = torch.argsort((row_mask == 0).to(torch.int8), dim=1, stable=True)[:, :n]
+    packed_mask = row_mask.gather(1, slots)
+    flat = (rows.unsqueeze(1) * mask.shape[1] + slots).reshape(-1)
+    valid = packed_mask.unsqueeze(-1)
+    packed = [f.reshape(-1, f.shape[-1]).index_select(0, flat).view(*slots.shape, -1) * valid for f in features]
+    return (packed_mask, *packed)
+
+
+class _DirectionConstants(NamedTuple):
+    """Per-pair constants of one attention direction (broadcast over a tile)."""
+
+    root_weight: Tensor  # sqrt(w) with the focal filter, w without: logit = w [s^ - mu]_+ s^ or w s^
+    inverse_keys: Tensor  # 1 / K, for the focal filter's mean over the valid keys
+    floor: bool  # whether exponents can fall below _EXP_FLOOR (logits span [0, w])
+
+
+def _direction_constants(
+    inverse_temperature: float, focal: bool, lambda_scaling: str, query_count: Tensor, key_count: Tensor
+) -> _DirectionConstants:
+    """``w = lambda f K`` (focal) or ``lambda f`` with ``f`` the count scaling of
+    :func:`non_local_attention_weights` (``Q^2 / K`` focal, ``Q`` without; 1 for ``"none"``):
+    eq. 3's ``lambda f [K (s^ - mean s^)]_+ s^ = w [s^ - mean s^]_+ s^``."""
+    keys = key_count.clamp(min=1.0)
+    if lambda_scaling == "counts":
+        factor = query_count.square() / keys if focal else query_count
+    else:
+        factor = torch.ones_like(query_count)
+    weight = inverse_temperature * factor * (key_count if focal else 1.0)
+    return _DirectionConstants(weight.sqrt() if focal else weight, keys.reciprocal(), float(weight.max()) > -_EXP_FLOOR)
+
+
+def _non_local_weights(
+    scores: Tensor,
+    query_dim: int,
+    key_dim: int,
+    constants: _DirectionConstants,
+    focal: bool,
+    epsilon: float,
+    out: Tensor,
+    scratch: Tensor,
+    buffers: _Buffers,
+    prefix: str,
+) -> Tensor:
+    """Unnormalised attention weights ``exp(logit - max logit)`` of eqs. 2-3, into ``out``.
+
+    ``scores`` holds the clipped cosines ``s = [cos]_+`` (zero for padded features), queries
+    along ``query_dim``, keys along ``key_dim``; ``s^ = s / (sum over queries + eps)``.
+    """
+    column_shape, row_shape = list(scores.shape), list(scores.shape)
+    column_shape[query_dim] = row_shape[key_dim] = 1
+    column = buffers(prefix + "column", *column_shape)
+    torch.sum(scores, query_dim, keepdim=True, out=column)
+    scale = column.add_(epsilon).reciprocal_().mul_(constants.root_weight)  # sqrt(w) / (sum_a s + eps)
+    top = buffers(prefix + "top", *row_shape)
+    if focal:
+        torch.mul(scores, scale, out=scratch)  # s' = sqrt(w) s^
+        mean = buffers(prefix + "mean", *row_shape)
+        torch.sum(scratch, key_dim, keepdim=True, out=mean).mul_(constants.inverse_keys)  # padding is 0
+        torch.amax(scratch, key_dim, keepdim=True, out=top)
+        shift = buffers(prefix + "shift", *row_shape)
+        torch.sub(top, mean, out=shift).clamp_(min=0).mul_(top).neg_()  # -max logit: [s - mu]_+ s grows with s
+        # [s' - mu]_+ s' - max = max((s' - mu) s' - max, -max) as s' >= 0: one clamp (with the floor)
+        lowest = shift.clamp(min=_EXP_FLOOR) if constants.floor else shift
+        torch.sub(scratch, mean, out=out)
+        torch.addcmul(shift, out, scratch, out=out).clamp_(min=lowest)
+    else:
+        torch.mul(scores, scale, out=out)  # w s^
+        torch.amax(out, key_dim, keepdim=True, out=top)
+        out.sub_(top)
+        if constants.floor:
+            out.clamp_(min=_EXP_FLOOR)
+    return out.exp_()
+
+
+def _non_local_pair_scores(
+    scores: Tensor,
+    values: Tensor,
+    image_dim: int,
+    image_to_text: _DirectionConstants | None,
+    text_to_image: _DirectionConstants | None,
+    inverse_image_count: Tensor,
+    inverse_text_count: Tensor,
+    image_value_norm: Tensor,
+    text_value_norm: Tensor,
+    quadratic_i2t: Callable[[Tensor, Tensor], Tensor],
+    quadratic_t2i: Callable[[Tensor, Tensor], Tensor],
+    focal: bool,
+    epsilon: float,
+    buffers: _Buffers,
+) -> tuple[Tensor | None, Tensor | None]:
+    """NAFS's ``(S, S')`` of a tile (None for a direction switched off).
+
+    ``scores`` (clipped cosines) and ``values`` (value products) are 4-D with the image features
+    along ``image_dim`` and the text features last, padding zero. The per-pair results keep the
+    image and text axes as size-1 dims. ``quadratic_*(weights, scratch)`` return ``alpha^T G
+    alpha`` per query (``G`` the key side's value Gram matrix), reduced over the keys (keepdim).
+    """
+    weights = buffers("weights", *scores.shape)
+    scratch = buffers("scratch", *scores.shape)
+    similarity = similarity_t2i = None
+    if image_to_text is not None:  # queries: image features, keys: text features (eqs. 2-5)
+        alpha = _non_local_weights(scores, image_dim, -1, image_to_text, focal, epsilon, weights, scratch, buffers, "i2t_")
+        numerator = torch.sum(torch.mul(alpha, values, out=scratch), -1, keepdim=True)  # v_a . r_a
+        context = quadratic_i2t(alpha, scratch).clamp_(min=0).sqrt_()  # ||r_a||
+        relevance = numerator.div_(context.mul_(image_value_norm).clamp_(min=epsilon))  # eq. 4
+        similarity = relevance.sum(image_dim, keepdim=True).mul_(inverse_image_count)  # eq. 5; masked rows are 0
+    if text_to_image is not None:  # queries: text features, keys: image features
+        alpha = _non_local_weights(scores, -1, image_dim, text_to_image, focal, epsilon, weights, scratch, buffers, "t2i_")
+        numerator = torch.sum(torch.mul(alpha, values, out=scratch), image_dim, keepdim=True)
+        context = quadratic_t2i(alpha, scratch).clamp_(min=0).sqrt_()
+        relevance = numerator.div_(context.mul_(text_value_norm).clamp_(min=epsilon))
+        similarity_t2i = relevance.sum(-1, keepdim=True).mul_(inverse_text_count)  # padded rows are 0
+    return similarity, similarity_t2i
+
+
+def _check_eval_options(lambda_scaling: str, *inverse_temperatures: float) -> None:
+    if lambda_scaling not in LAMBDA_SCALINGS:
+        raise ValueError(f"lambda_scaling must be one of {LAMBDA_SCALINGS}, got {lambda_scaling!r}")
+    if any(value < 0 for value in inverse_temperatures):
+        raise ValueError(f"inverse temperatures must be >= 0, got {inverse_temperatures}")
+
+
+def _image_side(queries: Tensor, values: Tensor, mask: Tensor | None, dtype: torch.dtype):
+    """Unit queries and values with masked features zeroed, and the valid counts ``[A]``."""
+    unit, values = F.normalize(queries.to(dtype), dim=-1), values.to(dtype)
+    if mask is None:
+        return unit, values, queries.new_full(queries.shape[:1], float(queries.shape[1]), dtype=dtype)
+    valid = mask.to(dtype).unsqueeze(-1)
+    return unit * valid, values * valid, valid.sum((1, 2))
+
+
+def _float_mask(mask: Tensor | None, features: Tensor, dtype: torch.dtype) -> Tensor:
+    return features.new_ones(features.shape[:2], dtype=dtype) if mask is None else mask.to(dtype)
+
+
+@torch.no_grad()
+def fast_bidirectional_non_local_similarity(
+    image_queries: Tensor,
+    image_values: Tensor,
+    image_mask: Tensor | None,
+    text_keys: Tensor,
+    text_values: Tensor,
+    text_mask: Tensor | None,
+    image_inverse_temperature: float,
+    text_inverse_temperature: float,
+    focal: bool = True,
+    image_to_text: bool = True,
+    text_to_image: bool = True,
+    max_elements: int | None = None,
+    epsilon: float = 1e-8,
+    lambda_scaling: str = "none",
+    workers: int | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`bidirectional_non_local_similarity` for evaluation: same ``(S, S')``, no gradients.
+
+    ``max_elements`` caps the entries of one ``[a, m, t, n]`` tile (a worker holds about six
+    such buffers); the kernel's own tile is ``EVAL_TILE_ELEMENTS`` (2^18 on a CPU). ``workers``:
+    threads scoring text blocks concurrently (default ``torch.get_num_threads()`` on a CPU, 1 on
+    a GPU). How it is computed: the section comment above.
+    """
+    _refuse_autograd("fast_bidirectional_non_local_similarity", image_queries, image_values, text_keys, text_values)
+    _check_eval_options(lambda_scaling, image_inverse_temperature, text_inverse_temperature)
+    if not (image_to_text or text_to_image):
+        return None, None
+    num_images, m, dim = image_queries.shape
+    num_texts = text_keys.shape[0]
+    dtype = _compute_dtype(image_queries, image_values, text_keys, text_values)
+    device = image_queries.device
+    image_unit, image_vals, image_count = _image_side(image_queries, image_values, image_mask, dtype)
+    image_norm = image_vals.norm(dim=-1)  # [A, m]
+    image_gram = image_vals @ image_vals.transpose(1, 2)  # [A, m, m]
+    image_unit, image_vals = image_unit.reshape(num_images * m, dim), image_vals.reshape(num_images * m, dim)
+    text_mask = _float_mask(text_mask, text_keys, dtype)
+    text_keys, text_vals = text_keys.to(dtype), text_values.to(dtype)
+    budget = _tile_budget(device, max_elements)
+    order, blocks = _text_blocks(text_mask.sum(1), max(1, int(_math.sqrt(budget))))
+    sorted_i2t = torch.zeros(num_images, num_texts, dtype=dtype, device=device) if image_to_text else None
+    sorted_t2i = torch.zeros(num_images, num_texts, dtype=dtype, device=device) if text_to_image else None
+    local = _threading.local()
+
+    def constants(image_counts: Tensor, text_counts: Tensor):
+        return (
+            _direction_constants(image_inverse_temperature, focal, lambda_scaling, image_counts, text_counts)
+            if image_to_text else None,
+            _direction_constants(text_inverse_temperature, focal, lambda_scaling, text_counts, image_counts)
+            if text_to_image else None,
+            image_counts.clamp(min=1.0).reciprocal(),
+        )
+
+    def score_block(block: tuple[int, int, int]) -> None:
+        start, stop, n = block
+        rows = order[start:stop]
+        t = rows.numel()
+        mask, keys, vals = _pack_valid(text_mask, rows, n, text_keys, text_vals)
+        keys = F.normalize(keys, dim=-1)  # padding stays 0
+        text_count = mask.sum(1).view(1, 1, t, 1)
+        text_norm = vals.norm(dim=-1).view(1, 1, t, n)
+        text_gram = vals @ vals.transpose(1, 2)  # [t, n, n]
+        keys, vals = keys.reshape(t * n, dim), vals.reshape(t * n, dim)
+        inverse_text_count = text_count.clamp(min=1.0).reciprocal()
+        if image_mask is None:  # m valid features per image: the constants depend on the text only
+            shared = constants(image_count[:1].view(1, 1, 1, 1), text_count)
+        buffers = getattr(local, "buffers", None)
+        if buffers is None:
+            buffers = local.buffers = _Buffers(text_vals)
+        image_block = max(1, min(num_images, budget // (m * t * n)))
+        for a_start in range(0, num_images, image_block):
+            a_stop = min(num_images, a_start + image_block)
+            a = a_stop - a_start
+            rows_a = slice(a_start * m, a_stop * m)
+            scores = _matmul_nt(image_unit[rows_a], keys, relu=True).view(a, m, t, n)  # [cos]_+ (eq. 2)
+            values = _matmul_nt(image_vals[rows_a], vals).view(a, m, t, n)  # v_a . t_vb
+            gram = image_gram[a_start:a_stop]
+            i2t, t2i, inverse_image_count = (
+                shared if image_mask is None else constants(image_count[a_start:a_stop].view(a, 1, 1, 1), text_count)
+            )
+
+            def quadratic_i2t(alpha: Tensor, scratch: Tensor) -> Tensor:
+                per_text = alpha.view(a * m, t, n).transpose(0, 1)  # [t, a m, n]
+                product = torch.bmm(per_text, text_gram, out=scratch.view(t, a * m, n)).mul_(per_text)
+                return product.sum(-1).t().reshape(a, m, t, 1)
+
+            def quadratic_t2i(alpha: Tensor, scratch: Tensor) -> Tensor:
+                flat = alpha.view(a, m, t * n)
+                product = torch.bmm(gram, flat, out=scratch.view(a, m, t * n)).mul_(flat)
+                return product.sum(1, keepdim=True).view(a, 1, t, n)
+
+            s_i2t, s_t2i = _non_local_pair_scores(
+                scores, values, 1, i2t, t2i, inverse_image_count, inverse_text_count,
+                image_norm[a_start:a_stop].view(a, m, 1, 1), text_norm, quadratic_i2t, quadratic_t2i,
+                focal, epsilon, buffers,
+            )
+            if s_i2t is not None:
+                sorted_i2t[a_start:a_stop, start:stop] = s_i2t.view(a, t)
+            if s_t2i is not None:
+                sorted_t2i[a_start:a_stop, start:stop] = s_t2i.view(a, t)
+
+    _parallel_map(score_block, blocks, _eval_workers(device, workers))
+    inverse = torch.argsort(order)
+    return (
+        None if sorted_i2t is None else sorted_i2t[:, inverse],
+        None if sorted_t2i is None else sorted_t2i[:, inverse],
+    )
+
+
+@torch.no_grad()
+def fast_candidate_bidirectional_non_local_similarity(
+    image_queries: Tensor,
+    image_values: Tensor,
+    text_keys: Tensor,
+    text_values: Tensor,
+    text_mask: Tensor | None,
+    candidates: Tensor,
+    image_inverse_temperature: float,
+    text_inverse_temperature: float,
+    focal: bool = True,
+    image_to_text: bool = True,
+    text_to_image: bool = True,
+    max_elements: int | None = None,
+    epsilon: float = 1e-8,
+    lambda_scaling: str = "none",
+    workers: int | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(S, S')`` of text ``t`` with its own gallery images ``candidates[t]``, ``[T, K]`` each.
+
+    The two-stage route of :func:`fast_bidirectional_non_local_similarity` (the same numbers on
+    those pairs): ``image_queries`` / ``image_values`` are the whole gallery ``[I, m, D]`` (every
+    feature valid), ``candidates`` ``[T, K]`` indexes it; each text block gathers its own.
+    """
+    _refuse_autograd("fast_candidate_bidirectional_non_local_similarity", image_queries, image_values, text_keys, text_values)
+    _check_eval_options(lambda_scaling, image_inverse_temperature, text_inverse_temperature)
+    if not (image_to_text or text_to_image):
+        return None, None
+    m, dim = image_queries.shape[1:]
+    num_texts, k = candidates.shape
+    dtype = _compute_dtype(image_queries, image_values, text_keys, text_values)
+    device = image_queries.device
+    image_unit, image_vals, _ = _image_side(image_queries, image_values, None, dtype)
+    image_norm = image_vals.norm(dim=-1)
+    image_gram = image_vals @ image_vals.transpose(1, 2)
+    text_mask = _float_mask(text_mask, text_keys, dtype)
+    text_keys, text_vals = text_keys.to(dtype), text_values.to(dtype)
+    budget = _tile_budget(device, max_elements)
+    order, blocks = _text_blocks(text_mask.sum(1), max(1, budget // max(1, k * m)))
+    sorted_i2t = torch.zeros(num_texts, k, dtype=dtype, device=device) if image_to_text else None
+    sorted_t2i = torch.zeros(num_texts, k, dtype=dtype, device=device) if text_to_image else None
+    image_count = torch.full((1, 1, 1, 1), float(m), dtype=dtype, device=device)
+    local = _threading.local()
+
+    def score_block(block: tuple[int, int, int]) -> None:
+        start, stop, n = block
+        rows = order[start:stop]
+        t = rows.numel()
+        mask, keys, vals = _pack_valid(text_mask, rows, n, text_keys, text_vals)
+        keys = F.normalize(keys, dim=-1)  # padding stays 0
+        text_count = mask.sum(1).view(t, 1, 1, 1)
+        picked = candidates[rows]  # [t, K]
+        buffers = getattr(local, "buffers", None)
+        if buffers is None:
+            buffers = local.buffers = _Buffers(text_vals)
+        scores = torch.bmm(image_unit[picked].view(t, k * m, dim), keys.transpose(1, 2)).clamp_(min=0).view(t, k, m, n)
+        values = torch.bmm(image_vals[picked].view(t, k * m, dim), vals.transpose(1, 2)).view(t, k, m, n)
+        text_gram = vals @ vals.transpose(1, 2)  # [t, n, n]
+        gram = image_gram[picked].view(t * k, m, m)
+
+        def quadratic_i2t(alpha: Tensor, scratch: Tensor) -> Tensor:
+            flat = alpha.view(t, k * m, n)
+            product = torch.bmm(flat, text_gram, out=scratch.view(t, k * m, n)).mul_(flat)
+            return product.sum(-1, keepdim=True).view(t, k, m, 1)
+
+        def quadratic_t2i(alpha: Tensor, scratch: Tensor) -> Tensor:
+            flat = alpha.view(t * k, m, n)
+            product = torch.bmm(gram, flat, out=scratch.view(t * k, m, n)).mul_(flat)
+            return product.sum(1, keepdim=True).view(t, k, 1, n)
+
+        s_i2t, s_t2i = _non_local_pair_scores(
+            scores, values, 2,
+            _direction_constants(image_inverse_temperature, focal, lambda_scaling, image_count, text_count)
+            if image_to_text else None,
+            _direction_constants(text_inverse_temperature, focal, lambda_scaling, text_count, image_count)
+            if text_to_image else None,
+            image_count.reciprocal(), text_count.clamp(min=1.0).reciprocal(),
+            image_norm[picked].view(t, k, m, 1), vals.norm(dim=-1).view(t, 1, 1, n), quadratic_i2t, quadratic_t2i,
+            focal, epsilon, buffers,
+        )
+        if s_i2t is not None:
+            sorted_i2t[start:stop] = s_i2t.view(t, k)
+        if s_t2i is not None:
+            sorted_t2i[start:stop] = s_t2i.view(t, k)
+
+    _parallel_map(score_block, blocks, _eval_workers(device, workers))
+    inverse = torch.argsort(order)
+    return None if sorted_i2t is None else sorted_i2t[inverse], None if sorted_t2i is None else sorted_t2i[inverse]
+
+
+def _cross_attention_weights(
+    clipped: Tensor,
+    norm_dim: int,
+    softmax_dim: int,
+    log_norm: Tensor,
+    inverse_temperature: float,
+    epsilon: float,
+    out: Tensor,
+    buffers: _Buffers,
+    prefix: str,
+) -> Tensor:
+    """``||u|| exp(lambda s~ - c)`` into ``out``: ACSA's attention weights (eqs. 2-4 / 8-9)
+    times the attended vectors' norms, up to one positive factor per query.
+
+    ``s~ = [s]_+ / ||[s]_+||`` over ``norm_dim`` (floored at sqrt(eps), as eqs. 2 and 8 are
+    computed above); ``log_norm`` is ``log ||u||`` of the attended vectors, broadcast along
+    ``softmax_dim`` (-inf for padding); ``c`` is each query's largest exponent.
+    """
+    norm = torch.linalg.vector_norm(clipped, 2, dim=norm_dim, keepdim=True)
+    scale = norm.clamp_(min=_math.sqrt(epsilon)).reciprocal_().mul_(inverse_temperature)
+    torch.addcmul(log_norm, clipped, scale, out=out)  # lambda s~ + log ||u||
+    top_shape = list(out.shape)
+    top_shape[softmax_dim] = 1
+    top = buffers(prefix + "top", *top_shape)
+    torch.amax(out, softmax_dim, keepdim=True, out=top)
+    # Exponents span at most lambda + the spread of log ||u|| below 0.
+    finite = log_norm[torch.isfinite(log_norm)]
+    spread = float(finite.max() - finite.min()) if finite.numel() else 0.0
+    out.sub_(top)
+    if inverse_temperature + spread > -_EXP_FLOOR:
+        out.clamp_(min=_EXP_FLOOR)
+    return out.exp_()
+
+
+def _cross_attention_pair_scores(
+    cosine: Tensor,
+    image_dim: int,
+    log_visual_norm: Tensor,
+    log_text_norm: Tensor,
+    inverse_text_count: Tensor,
+    quadratic_i2t: Callable[[Tensor, Tensor], Tensor],
+    quadratic_t2i: Callable[[Tensor, Tensor], Tensor],
+    inverse_temperature_i2t: float | None,
+    inverse_temperature_t2i: float | None,
+    epsilon: float,
+    buffers: _Buffers,
+) -> tuple[Tensor | None, Tensor | None]:
+    """ACSA's ``(S, S')`` of a tile from the unit vectors' cosines (4-D, visual entities along
+    ``image_dim``, phrases last, padded phrases zero); None for a direction switched off (its
+    inverse temperature None). The quadratic forms use the *unit* vectors' Gram matrices: the
+    norms are in the weights."""
+    clipped = torch.clamp(cosine, min=0, out=buffers("clipped", *cosine.shape))  # [s_ij]_+
+    weights = buffers("weights", *cosine.shape)
+    scratch = buffers("scratch", *cosine.shape)
+    similarity = similarity_t2i = None
+    if inverse_temperature_i2t is not None:  # eqs. 2-6: each visual entity attends over the phrases
+        alpha = _cross_attention_weights(
+            clipped, image_dim, -1, log_text_norm, inverse_temperature_i2t, epsilon, weights, buffers, "i2t_"
+        )
+        numerator = torch.sum(torch.mul(alpha, cosine, out=scratch), -1, keepdim=True)  # v_i . T_vi / ||v_i||
+        context = quadratic_i2t(alpha, scratch).clamp_(min=0).sqrt_()  # ||T_vi||
+        similarity = numerator.div_(context.clamp_(min=epsilon)).mean(image_dim, keepdim=True)  # eqs. 5-6
+    if inverse_temperature_t2i is not None:  # eqs. 7-11: each phrase attends over the visual entities
+        alpha = _cross_attention_weights(
+            clipped, -1, image_dim, log_visual_norm, inverse_temperature_t2i, epsilon, weights, buffers, "t2i_"
+        )
+        numerator = torch.sum(torch.mul(alpha, cosine, out=scratch), image_dim, keepdim=True)  # t_j . V_tj / ||t_j||
+        context = quadratic_t2i(alpha, scratch).clamp_(min=0).sqrt_()  # ||V_tj||
+        relevance = numerator.div_(context.clamp_(min=epsilon))  # eq. 10; padded phrases give 0
+        similarity_t2i = relevance.sum(-1, keepdim=True).mul_(inverse_text_count)  # eq. 11
+    return similarity, similarity_t2i
+
+
+def _visual_side(visual: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit vectors, ``log`` norms and unit Gram matrices of ``[A, m, D]`` visual entities."""
+    visual = visual.to(dtype)
+    unit = F.normalize(visual, dim=-1)
+    return unit, visual.norm(dim=-1).log(), unit @ unit.transpose(1, 2)
+
+
+def _phrase_side(phrases: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit vectors, ``log`` norms (-inf for zero padding: weight 0) and unit Gram matrices."""
+    unit = F.normalize(phrases, dim=-1)
+    return unit, phrases.norm(dim=-1).log(), unit @ unit.transpose(1, 2)
+
+
+@torch.no_grad()
+def fast_cross_attention_similarity(
+    visual: Tensor,
+    text: Tensor,
+    text_mask: Tensor | None,
+    inverse_temperature_i2t: float,
+    inverse_temperature_t2i: float,
+    image_to_text: bool = True,
+    text_to_image: bool = True,
+    max_elements: int | None = None,
+    epsilon: float = 1e-8,
+    workers: int | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`cross_attention_similarity` for evaluation: same ``(S, S')``, no gradients.
+
+    ``max_elements`` caps the entries of one ``[a, m, t, n]`` tile; ``workers`` as in
+    :func:`fast_bidirectional_non_local_similarity`.
+    """
+    _refuse_autograd("fast_cross_attention_similarity", visual, text)
+    _check_eval_options("none", inverse_temperature_i2t, inverse_temperature_t2i)
+    if not (image_to_text or text_to_image):
+        return None, None
+    num_images, m, dim = visual.shape
+    num_texts = text.shape[0]
+    dtype = _compute_dtype(visual, text)
+    device = visual.device
+    visual_unit, log_visual, visual_gram = _visual_side(visual, dtype)
+    visual_unit = visual_unit.reshape(num_images * m, dim)
+    text_mask, text = _float_mask(text_mask, text, dtype), text.to(dtype)
+    budget = _tile_budget(device, max_elements)
+    order, blocks = _text_blocks(text_mask.sum(1), max(1, int(_math.sqrt(budget))))
+    sorted_i2t = torch.zeros(num_images, num_texts, dtype=dtype, device=device) if image_to_text else None
+    sorted_t2i = torch.zeros(num_images, num_texts, dtype=dtype, device=device) if text_to_image else None
+    lambdas = (inverse_temperature_i2t if image_to_text else None, inverse_temperature_t2i if text_to_image else None)
+    local = _threading.local()
+
+    def score_block(block: tuple[int, int, int]) -> None:
+        start, stop, n = block
+        rows = order[start:stop]
+        t = rows.numel()
+        mask, phrases = _pack_valid(text_mask, rows, n, text)
+        phrase_unit, log_text, text_gram = _phrase_side(phrases)
+        inverse_text_count = mask.sum(1).clamp(min=1.0).reciprocal().view(1, 1, t, 1)
+        phrase_unit, log_text = phrase_unit.reshape(t * n, dim), log_text.view(1, 1, t, n)
+        buffers = getattr(local, "buffers", None)
+        if buffers is None:
+            buffers = local.buffers = _Buffers(text)
+        image_block = max(1, min(num_images, budget // (m * t * n)))
+        for a_start in range(0, num_images, image_block):
+            a_stop = min(num_images, a_start + image_block)
+            a = a_stop - a_start
+            cosine = _matmul_nt(visual_unit[a_start * m : a_stop * m], phrase_unit).view(a, m, t, n)  # eqs. 1, 7
+            gram = visual_gram[a_start:a_stop]
+
+            def quadratic_i2t(alpha: Tensor, scratch: Tensor) -> Tensor:
+                per_text = alpha.view(a * m, t, n).transpose(0, 1)  # [t, a m, n]
+                product = torch.bmm(per_text, text_gram, out=scratch.view(t, a * m, n)).mul_(per_text)
+                return product.sum(-1).t().reshape(a, m, t, 1)
+
+            def quadratic_t2i(alpha: Tensor, scratch: Tensor) -> Tensor:
+                flat = alpha.view(a, m, t * n)
+                product = torch.bmm(gram, flat, out=scratch.view(a, m, t * n)).mul_(flat)
+                return product.sum(1, keepdim=True).view(a, 1, t, n)
+
+            s_i2t, s_t2i = _cross_attention_pair_scores(
+                cosine, 1, log_visual[a_start:a_stop].view(a, m, 1, 1), log_text, inverse_text_count,
+                quadratic_i2t, quadratic_t2i, *lambdas, epsilon, buffers,
+            )
+            if s_i2t is not None:
+                sorted_i2t[a_start:a_stop, start:stop] = s_i2t.view(a, t)
+            if s_t2i is not None:
+                sorted_t2i[a_start:a_stop, start:stop] = s_t2i.view(a, t)
+
+    _parallel_map(score_block, blocks, _eval_workers(device, workers))
+    inverse = torch.argsort(order)
+    return (
+        None if sorted_i2t is None else sorted_i2t[:, inverse],
+        None if sorted_t2i is None else sorted_t2i[:, inverse],
+    )
+
+
+@torch.no_grad()
+def fast_candidate_cross_attention_similarity(
+    visual: Tensor,
+    text: Tensor,
+    text_mask: Tensor | None,
+    candidates: Tensor,
+    inverse_temperature_i2t: float,
+    inverse_temperature_t2i: float,
+    image_to_text: bool = True,
+    text_to_image: bool = True,
+    max_elements: int | None = None,
+    epsilon: float = 1e-8,
+    workers: int | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(S, S')`` of caption ``t`` with gallery images ``candidates[t]``, ``[T, K]`` each.
+
+    ``visual`` is the whole gallery ``[I, m, D]``; the same numbers as
+    :func:`fast_cross_attention_similarity` on those pairs.
+    """
+    _refuse_autograd("fast_candidate_cross_attention_similarity", visual, text)
+    _check_eval_options("none", inverse_temperature_i2t, inverse_temperature_t2i)
+    if not (image_to_text or text_to_image):
+        return None, None
+    m, dim = visual.shape[1:]
+    num_texts, k = candidates.shape
+    dtype = _compute_dtype(visual, text)
+    device = visual.device
+    visual_unit, log_visual, visual_gram = _visual_side(visual, dtype)
+    text_mask, text = _float_mask(text_mask, text, dtype), text.to(dtype)
+    budget = _tile_budget(device, max_elements)
+    order, blocks = _text_blocks(text_mask.sum(1), max(1, budget // max(1, k * m)))
+    sorted_i2t = torch.zeros(num_texts, k, dtype=dtype, device=device) if image_to_text else None
+    sorted_t2i = torch.zeros(num_texts, k, dtype=dtype, device=device) if text_to_image else None
+    lambdas = (inverse_temperature_i2t if image_to_text else None, inverse_temperature_t2i if text_to_image else None)
+    local = _threading.local()
+
+    def score_block(block: tuple[int, int, int]) -> None:
+        start, stop, n = block
+        rows = order[start:stop]
+        t = rows.numel()
+        mask, phrases = _pack_valid(text_mask, rows, n, text)
+        phrase_unit, log_text, text_gram = _phrase_side(phrases)
+        picked = candidates[rows]  # [t, K]
+        buffers = getattr(local, "buffers", None)
+        if buffers is None:
+            buffers = local.buffers = _Buffers(text)
+        cosine = torch.bmm(visual_unit[picked].view(t, k * m, dim), phrase_unit.transpose(1, 2)).view(t, k, m, n)
+        gram = visual_gram[picked].view(t * k, m, m)
+
+        def quadratic_i2t(alpha: Tensor, scratch: Tensor) -> Tensor:
+            flat = alpha.view(t, k * m, n)
+            product = torch.bmm(flat, text_gram, out=scratch.view(t, k * m, n)).mul_(flat)
+            return product.sum(-1, keepdim=True).view(t, k, m, 1)
+
+        def quadratic_t2i(alpha: Tensor, scratch: Tensor) -> Tensor:
+            flat = alpha.view(t * k, m, n)
+            product = torch.bmm(gram, flat, out=scratch.view(t * k, m, n)).mul_(flat)
+            return product.sum(1, keepdim=True).view(t, k, 1, n)
+
+        s_i2t, s_t2i = _cross_attention_pair_scores(
+            cosine, 2, log_visual[picked].view(t, k, m, 1), log_text.view(t, 1, 1, n),
+            mask.sum(1).clamp(min=1.0).reciprocal().view(t, 1, 1, 1), quadratic_i2t, quadratic_t2i,
+            *lambdas, epsilon, buffers,
+        )
+        if s_i2t is not None:
+            sorted_i2t[start:stop] = s_i2t.view(t, k)
+        if s_t2i is not None:
+            sorted_t2i[start:stop] = s_t2i.view(t, k)
+
+    _parallel_map(score_block, blocks, _eval_workers(device, workers))
+    inverse = torch.argsort(order)
+    return None if sorted_i2t is None else sorted_i2t[inverse], None if sorted_t2i is None else sorted_t2i[inverse]
+
+
+__all__ += [
+    "EVAL_TILE_ELEMENTS",
+    "linear_for_evaluation",
+    "requires_autograd",
+    "fast_bidirectional_non_local_similarity",
+    "fast_candidate_bidirectional_non_local_similarity",
+    "fast_candidate_cross_attention_similarity",
+    "fast_cross_attention_similarity",
+]
 
 
 # --------------------------------------------------------------------------------------------

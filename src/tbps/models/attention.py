@@ -831,6 +831,7 @@ __all__ += ["candidate_cross_attention_similarity", "cross_attention_scores", "c
 # One difference on degenerate input: a caption with no valid feature scores 0 in both
 # directions (the reference NAFS functions give NaN for it image-to-text; ACSA's give 0).
 
+import functools as _functools
 import math as _math
 import threading as _threading
 from concurrent.futures import ThreadPoolExecutor as _ThreadPoolExecutor
@@ -856,6 +857,19 @@ def _refuse_autograd(name: str, *tensors: Tensor | None) -> None:
         )
 
 
+def _evaluation_kernel(function: Callable) -> Callable:
+    """Refuse inputs that autograd would track (a silently missing gradient is worse than an
+    error), then run ``function`` under ``torch.no_grad()``."""
+
+    @_functools.wraps(function)
+    def kernel(*args, **kwargs):
+        _refuse_autograd(function.__name__, *(x for x in (*args, *kwargs.values()) if isinstance(x, Tensor)))
+        with torch.no_grad():
+            return function(*args, **kwargs)
+
+    return kernel
+
+
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 stays float64 (exact tests), anything else is computed in float32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -874,6 +888,11 @@ def linear_for_evaluation(features: Tensor, layer: nn.Linear, mask: Tensor | Non
     :func:`_matmul_nt`); with ``mask`` (``features.shape[:-1]``, 1 = real) only the real rows
     are projected and the others come out 0 (padding, which the evaluation kernels ignore)."""
     _refuse_autograd("linear_for_evaluation", features, layer.weight)
+    with torch.no_grad():
+        return _linear_rows(features, layer, mask)
+
+
+def _linear_rows(features: Tensor, layer: nn.Linear, mask: Tensor | None) -> Tensor:
     rows = features.reshape(-1, features.shape[-1])
     keep = None if mask is None else mask.reshape(-1).bool()
     if keep is not None:
@@ -1099,7 +1118,7 @@ def _float_mask(mask: Tensor | None, features: Tensor, dtype: torch.dtype) -> Te
     return features.new_ones(features.shape[:2], dtype=dtype) if mask is None else mask.to(dtype)
 
 
-@torch.no_grad()
+@_evaluation_kernel
 def fast_bidirectional_non_local_similarity(
     image_queries: Tensor,
     image_values: Tensor,
@@ -1124,7 +1143,6 @@ def fast_bidirectional_non_local_similarity(
     threads scoring text blocks concurrently (default ``torch.get_num_threads()`` on a CPU, 1 on
     a GPU). How it is computed: the section comment above.
     """
-    _refuse_autograd("fast_bidirectional_non_local_similarity", image_queries, image_values, text_keys, text_values)
     _check_eval_options(lambda_scaling, image_inverse_temperature, text_inverse_temperature)
     if not (image_to_text or text_to_image):
         return None, None
@@ -1209,7 +1227,7 @@ def fast_bidirectional_non_local_similarity(
     )
 
 
-@torch.no_grad()
+@_evaluation_kernel
 def fast_candidate_bidirectional_non_local_similarity(
     image_queries: Tensor,
     image_values: Tensor,
@@ -1233,7 +1251,6 @@ def fast_candidate_bidirectional_non_local_similarity(
     those pairs): ``image_queries`` / ``image_values`` are the whole gallery ``[I, m, D]`` (every
     feature valid), ``candidates`` ``[T, K]`` indexes it; each text block gathers its own.
     """
-    _refuse_autograd("fast_candidate_bidirectional_non_local_similarity", image_queries, image_values, text_keys, text_values)
     _check_eval_options(lambda_scaling, image_inverse_temperature, text_inverse_temperature)
     if not (image_to_text or text_to_image):
         return None, None
@@ -1385,7 +1402,7 @@ def _phrase_side(phrases: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return unit, phrases.norm(dim=-1).log(), unit @ unit.transpose(1, 2)
 
 
-@torch.no_grad()
+@_evaluation_kernel
 def fast_cross_attention_similarity(
     visual: Tensor,
     text: Tensor,
@@ -1403,7 +1420,6 @@ def fast_cross_attention_similarity(
     ``max_elements`` caps the entries of one ``[a, m, t, n]`` tile; ``workers`` as in
     :func:`fast_bidirectional_non_local_similarity`.
     """
-    _refuse_autograd("fast_cross_attention_similarity", visual, text)
     _check_eval_options("none", inverse_temperature_i2t, inverse_temperature_t2i)
     if not (image_to_text or text_to_image):
         return None, None
@@ -1466,7 +1482,7 @@ def fast_cross_attention_similarity(
     )
 
 
-@torch.no_grad()
+@_evaluation_kernel
 def fast_candidate_cross_attention_similarity(
     visual: Tensor,
     text: Tensor,
@@ -1485,7 +1501,6 @@ def fast_candidate_cross_attention_similarity(
     ``visual`` is the whole gallery ``[I, m, D]``; the same numbers as
     :func:`fast_cross_attention_similarity` on those pairs.
     """
-    _refuse_autograd("fast_candidate_cross_attention_similarity", visual, text)
     _check_eval_options("none", inverse_temperature_i2t, inverse_temperature_t2i)
     if not (image_to_text or text_to_image):
         return None, None

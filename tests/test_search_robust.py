@@ -178,6 +178,9 @@ def test_a_locked_index_fails_clearly_or_waits(search_checkpoint: Path, tiny_syn
             build_index(search_checkpoint, scan_folder(new), index, overwrite=True)
         result = CliRunner().invoke(app, ["index", "add", str(index), "--images", str(new), "--workers", "0"])
         assert result.exit_code == 2 and f"is being written by pid {os.getpid()}" in _flat(result.output)
+        built = CliRunner().invoke(app, ["index", "build", "--checkpoint", str(search_checkpoint), "--images", str(new),
+                                         "--out", str(index), "--overwrite", "--wait", "0.3", "--workers", "0"])
+        assert built.exit_code == 2 and "after waiting 0.3 s" in _flat(built.output)
     assert not lock_path(index).exists()
     assert add_images(index, scan_folder(new), wait=0.5).indexed == 2  # free again
 
@@ -233,6 +236,24 @@ def test_serve_keeps_the_old_version_when_the_new_one_cannot_be_served(search_ch
     assert damaged.status_code == 409 and "cannot be opened" in damaged.json()["detail"] and str(tmp_path) not in damaged.text
     assert client.get("/api/search", params={"q": "a man", "k": 10}).status_code == 200
     assert app.state.live.reloads == 0
+
+
+def test_serve_reload_options(search_index: Path, monkeypatch) -> None:
+    import uvicorn
+
+    from tbps.cli.main import app
+
+    started: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda application, **kwargs: started.append(application))
+    runner = CliRunner()
+    for options, seconds in (([], 1.0), (["--reload-check", "0"], 0.0), (["--no-auto-reload"], None)):
+        result = runner.invoke(app, ["serve", str(search_index), *options])
+        assert result.exit_code == 0, result.output
+        assert started[-1].state.live.check_seconds == seconds
+    both = runner.invoke(app, ["serve", str(search_index), "--no-auto-reload", "--reload-check", "5"])
+    assert both.exit_code == 2 and "no effect with --no-auto-reload" in _flat(both.output)
+    with pytest.raises(ValueError, match="reload_check_seconds must be >= 0"):
+        create_app(search_index, reload_check_seconds=-1)
 
 
 # --------------------------------------------------------------------------- item 11: literal user text

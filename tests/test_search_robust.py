@@ -108,6 +108,13 @@ def test_overwrite_replaces_only_a_folder_holding_an_index(search_checkpoint: Pa
         add_images(out, scan_folder(extra))
     assert (out / "keep-me.jpg").is_file() and len(GalleryIndex.open(out)) == 5
     assert not lock_path(out).exists()  # the lock file goes with its holder
+    # A link to an index: an add updates the folder it names, --overwrite refuses to replace the link.
+    (out / "keep-me.jpg").unlink()
+    (tmp_path / "current").symlink_to(out, target_is_directory=True)
+    assert add_images(tmp_path / "current", scan_folder(extra)).indexed == 1
+    assert (tmp_path / "current").is_symlink() and len(GalleryIndex.open(out)) == 6
+    with pytest.raises(FileExistsError, match="is a symbolic link"):
+        build_index(search_checkpoint, scan_folder(photos), tmp_path / "current", overwrite=True)
 
 
 # --------------------------------------------------------------------------- item 8: write lock

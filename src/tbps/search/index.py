@@ -1035,6 +1035,9 @@ def add_images(
     :func:`index_write_lock`), so two adds at once never lose each other's images.
     """
     index_dir = Path(index_dir)
+    if index_dir.is_symlink():
+        # Update the folder the link names (the link keeps naming it), under that folder's lock.
+        index_dir = Path(os.path.realpath(index_dir))
     read_manifest(index_dir)  # "not a tbps index" before anything is created beside it
     with index_write_lock(index_dir, wait):
         started = time.perf_counter()

@@ -841,6 +841,8 @@ _EXP_FLOOR = -40.0
 # Entries of one [a, m, t, n] tile: 1 MB per float32 intermediate on a CPU (a worker's half
 # dozen of them stay in cache); on a GPU, enough to fill it.
 EVAL_TILE_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+# Rows of one gallery GEMM call (several CPU tiles).
+_GEMM_ROWS = 2048
 
 
 def requires_autograd(*tensors: Tensor | None) -> bool:
@@ -960,6 +962,20 @@ def _tile_budget(device: torch.device, max_elements: int | None) -> int:
     return max(1, preferred if max_elements is None else min(preferred, int(max_elements)))
 
 
+def _image_tiles(num_images: int, m: int, image_block: int, *products: Callable[[int, int], Tensor]):
+    """``(a_start, a_stop, tiles)`` over the gallery, ``tiles[i]`` the rows ``[a_start m, a_stop m)``
+    of ``products[i](first_row, stop_row)``. Each product is computed for several tiles at once
+    (``_GEMM_ROWS`` rows): a GEMM call repacks its operands, which small calls pay per tile."""
+    group = max(image_block, (_GEMM_ROWS // m) // image_block * image_block)
+    for g_start in range(0, num_images, group):
+        g_stop = min(num_images, g_start + group)
+        outputs = [product(g_start * m, g_stop * m) for product in products]
+        for a_start in range(g_start, g_stop, image_block):
+            a_stop = min(g_stop, a_start + image_block)
+            rows = slice((a_start - g_start) * m, (a_stop - g_start) * m)
+            yield a_start, a_stop, [output[rows] for output in outputs]
+
+
 def _text_blocks(counts: Tensor, columns: int) -> tuple[Tensor, list[tuple[int, int, int]]]:
     """Texts sorted by valid-feature count, cut into blocks of about ``columns`` features.
 
@@ -1065,8 +1081,8 @@ def _non_local_pair_scores(
     text_to_image: _DirectionConstants | None,
     inverse_image_count: Tensor,
     inverse_text_count: Tensor,
-    image_value_norm: Tensor,
-    text_value_norm: Tensor,
+    image_value_norm_sq: Tensor,
+    text_value_norm_sq: Tensor,
     quadratic_i2t: Callable[[Tensor, Tensor], Tensor],
     quadratic_t2i: Callable[[Tensor, Tensor], Tensor],
     focal: bool,
@@ -1086,14 +1102,15 @@ def _non_local_pair_scores(
     if image_to_text is not None:  # queries: image features, keys: text features (eqs. 2-5)
         alpha = _non_local_weights(scores, image_dim, -1, image_to_text, focal, epsilon, weights, scratch, buffers, "i2t_")
         numerator = torch.sum(torch.mul(alpha, values, out=scratch), -1, keepdim=True)  # v_a . r_a
-        context = quadratic_i2t(alpha, scratch).clamp_(min=0).sqrt_()  # ||r_a||
-        relevance = numerator.div_(context.mul_(image_value_norm).clamp_(min=epsilon))  # eq. 4
+        # eq. 4: v_a . r_a / max(||v_a|| ||r_a||, eps), as rsqrt(max(||v_a||^2 ||r_a||^2, eps^2))
+        inverse = quadratic_i2t(alpha, scratch).clamp_(min=0).mul_(image_value_norm_sq).clamp_(min=epsilon * epsilon).rsqrt_()
+        relevance = numerator.mul_(inverse)
         similarity = relevance.sum(image_dim, keepdim=True).mul_(inverse_image_count)  # eq. 5; masked rows are 0
     if text_to_image is not None:  # queries: text features, keys: image features
         alpha = _non_local_weights(scores, -1, image_dim, text_to_image, focal, epsilon, weights, scratch, buffers, "t2i_")
         numerator = torch.sum(torch.mul(alpha, values, out=scratch), image_dim, keepdim=True)
-        context = quadratic_t2i(alpha, scratch).clamp_(min=0).sqrt_()
-        relevance = numerator.div_(context.mul_(text_value_norm).clamp_(min=epsilon))
+        inverse = quadratic_t2i(alpha, scratch).clamp_(min=0).mul_(text_value_norm_sq).clamp_(min=epsilon * epsilon).rsqrt_()
+        relevance = numerator.mul_(inverse)
         similarity_t2i = relevance.sum(-1, keepdim=True).mul_(inverse_text_count)  # padded rows are 0
     return similarity, similarity_t2i
 
@@ -1151,7 +1168,7 @@ def fast_bidirectional_non_local_similarity(
     dtype = _compute_dtype(image_queries, image_values, text_keys, text_values)
     device = image_queries.device
     image_unit, image_vals, image_count = _image_side(image_queries, image_values, image_mask, dtype)
-    image_norm = image_vals.norm(dim=-1)  # [A, m]
+    image_norm_sq = image_vals.square().sum(-1)  # [A, m]
     image_gram = image_vals @ image_vals.transpose(1, 2)  # [A, m, m]
     image_unit, image_vals = image_unit.reshape(num_images * m, dim), image_vals.reshape(num_images * m, dim)
     text_mask = _float_mask(text_mask, text_keys, dtype)
@@ -1178,7 +1195,7 @@ def fast_bidirectional_non_local_similarity(
         mask, keys, vals = _pack_valid(text_mask, rows, n, text_keys, text_vals)
         keys = F.normalize(keys, dim=-1)  # padding stays 0
         text_count = mask.sum(1).view(1, 1, t, 1)
-        text_norm = vals.norm(dim=-1).view(1, 1, t, n)
+        text_norm_sq = vals.square().sum(-1).view(1, 1, t, n)
         text_gram = vals @ vals.transpose(1, 2)  # [t, n, n]
         keys, vals = keys.reshape(t * n, dim), vals.reshape(t * n, dim)
         inverse_text_count = text_count.clamp(min=1.0).reciprocal()
@@ -1188,12 +1205,14 @@ def fast_bidirectional_non_local_similarity(
         if buffers is None:
             buffers = local.buffers = _Buffers(text_vals)
         image_block = max(1, min(num_images, budget // (m * t * n)))
-        for a_start in range(0, num_images, image_block):
-            a_stop = min(num_images, a_start + image_block)
+        tiles = _image_tiles(
+            num_images, m, image_block,
+            lambda first, stop: _matmul_nt(image_unit[first:stop], keys, relu=True),  # [cos]_+ (eq. 2)
+            lambda first, stop: _matmul_nt(image_vals[first:stop], vals),  # v_a . t_vb
+        )
+        for a_start, a_stop, (scores, values) in tiles:
             a = a_stop - a_start
-            rows_a = slice(a_start * m, a_stop * m)
-            scores = _matmul_nt(image_unit[rows_a], keys, relu=True).view(a, m, t, n)  # [cos]_+ (eq. 2)
-            values = _matmul_nt(image_vals[rows_a], vals).view(a, m, t, n)  # v_a . t_vb
+            scores, values = scores.view(a, m, t, n), values.view(a, m, t, n)
             gram = image_gram[a_start:a_stop]
             i2t, t2i, inverse_image_count = (
                 shared if image_mask is None else constants(image_count[a_start:a_stop].view(a, 1, 1, 1), text_count)
@@ -1211,7 +1230,7 @@ def fast_bidirectional_non_local_similarity(
 
             s_i2t, s_t2i = _non_local_pair_scores(
                 scores, values, 1, i2t, t2i, inverse_image_count, inverse_text_count,
-                image_norm[a_start:a_stop].view(a, m, 1, 1), text_norm, quadratic_i2t, quadratic_t2i,
+                image_norm_sq[a_start:a_stop].view(a, m, 1, 1), text_norm_sq, quadratic_i2t, quadratic_t2i,
                 focal, epsilon, buffers,
             )
             if s_i2t is not None:
@@ -1259,7 +1278,7 @@ def fast_candidate_bidirectional_non_local_similarity(
     dtype = _compute_dtype(image_queries, image_values, text_keys, text_values)
     device = image_queries.device
     image_unit, image_vals, _ = _image_side(image_queries, image_values, None, dtype)
-    image_norm = image_vals.norm(dim=-1)
+    image_norm_sq = image_vals.square().sum(-1)
     image_gram = image_vals @ image_vals.transpose(1, 2)
     text_mask = _float_mask(text_mask, text_keys, dtype)
     text_keys, text_vals = text_keys.to(dtype), text_values.to(dtype)
@@ -1303,7 +1322,7 @@ def fast_candidate_bidirectional_non_local_similarity(
             _direction_constants(text_inverse_temperature, focal, lambda_scaling, text_count, image_count)
             if text_to_image else None,
             image_count.reciprocal(), text_count.clamp(min=1.0).reciprocal(),
-            image_norm[picked].view(t, k, m, 1), vals.norm(dim=-1).view(t, 1, 1, n), quadratic_i2t, quadratic_t2i,
+            image_norm_sq[picked].view(t, k, m, 1), vals.square().sum(-1).view(t, 1, 1, n), quadratic_i2t, quadratic_t2i,
             focal, epsilon, buffers,
         )
         if s_i2t is not None:
@@ -1318,10 +1337,11 @@ def fast_candidate_bidirectional_non_local_similarity(
 
 def _cross_attention_weights(
     clipped: Tensor,
-    norm_dim: int,
+    squared_norm: Tensor,
     softmax_dim: int,
     log_norm: Tensor,
     inverse_temperature: float,
+    floor: bool,
     epsilon: float,
     out: Tensor,
     buffers: _Buffers,
@@ -1330,29 +1350,34 @@ def _cross_attention_weights(
     """``||u|| exp(lambda s~ - c)`` into ``out``: ACSA's attention weights (eqs. 2-4 / 8-9)
     times the attended vectors' norms, up to one positive factor per query.
 
-    ``s~ = [s]_+ / ||[s]_+||`` over ``norm_dim`` (floored at sqrt(eps), as eqs. 2 and 8 are
-    computed above); ``log_norm`` is ``log ||u||`` of the attended vectors, broadcast along
-    ``softmax_dim`` (-inf for padding); ``c`` is each query's largest exponent.
+    ``s~ = [s]_+ / sqrt(max(squared_norm, eps))`` (``squared_norm``: the sum of ``[s]_+^2`` over
+    the other modality's axis, eqs. 2 and 8); ``log_norm`` is ``log ||u||`` of the attended
+    vectors, broadcast along ``softmax_dim`` (-inf for padding); ``c`` is each query's largest
+    exponent; ``floor``: whether exponents can fall below ``_EXP_FLOOR``.
     """
-    norm = torch.linalg.vector_norm(clipped, 2, dim=norm_dim, keepdim=True)
-    scale = norm.clamp_(min=_math.sqrt(epsilon)).reciprocal_().mul_(inverse_temperature)
+    scale = squared_norm.clamp(min=epsilon).rsqrt_().mul_(inverse_temperature)
     torch.addcmul(log_norm, clipped, scale, out=out)  # lambda s~ + log ||u||
     top_shape = list(out.shape)
     top_shape[softmax_dim] = 1
     top = buffers(prefix + "top", *top_shape)
     torch.amax(out, softmax_dim, keepdim=True, out=top)
-    # Exponents span at most lambda + the spread of log ||u|| below 0.
-    finite = log_norm[torch.isfinite(log_norm)]
-    spread = float(finite.max() - finite.min()) if finite.numel() else 0.0
     out.sub_(top)
-    if inverse_temperature + spread > -_EXP_FLOOR:
+    if floor:
         out.clamp_(min=_EXP_FLOOR)
     return out.exp_()
+
+
+def _needs_floor(inverse_temperature: float | None, log_norm: Tensor) -> bool:
+    """Whether ``lambda s~ + log ||u||`` (``s~`` in [0, 1]) can span more than -_EXP_FLOOR."""
+    finite = log_norm[torch.isfinite(log_norm)]
+    spread = float(finite.max() - finite.min()) if finite.numel() else 0.0
+    return inverse_temperature is not None and inverse_temperature + spread > -_EXP_FLOOR
 
 
 def _cross_attention_pair_scores(
     cosine: Tensor,
     image_dim: int,
+    phrase_dim: int,
     log_visual_norm: Tensor,
     log_text_norm: Tensor,
     inverse_text_count: Tensor,
@@ -1360,32 +1385,37 @@ def _cross_attention_pair_scores(
     quadratic_t2i: Callable[[Tensor, Tensor], Tensor],
     inverse_temperature_i2t: float | None,
     inverse_temperature_t2i: float | None,
+    floors: tuple[bool, bool],
     epsilon: float,
     buffers: _Buffers,
 ) -> tuple[Tensor | None, Tensor | None]:
     """ACSA's ``(S, S')`` of a tile from the unit vectors' cosines (4-D, visual entities along
-    ``image_dim``, phrases last, padded phrases zero); None for a direction switched off (its
-    inverse temperature None). The quadratic forms use the *unit* vectors' Gram matrices: the
-    norms are in the weights."""
+    ``image_dim``, phrases along ``phrase_dim``, padded phrases zero); None for a direction
+    switched off (its inverse temperature None). The quadratic forms use the *unit* vectors'
+    Gram matrices: the norms are in the weights."""
     clipped = torch.clamp(cosine, min=0, out=buffers("clipped", *cosine.shape))  # [s_ij]_+
     weights = buffers("weights", *cosine.shape)
-    scratch = buffers("scratch", *cosine.shape)
+    scratch = torch.mul(clipped, clipped, out=buffers("scratch", *cosine.shape))
+    over_visual = torch.sum(scratch, image_dim, keepdim=True) if inverse_temperature_i2t is not None else None  # eq. 2
+    over_phrases = torch.sum(scratch, phrase_dim, keepdim=True) if inverse_temperature_t2i is not None else None  # eq. 8
     similarity = similarity_t2i = None
-    if inverse_temperature_i2t is not None:  # eqs. 2-6: each visual entity attends over the phrases
+    if over_visual is not None:  # eqs. 2-6: each visual entity attends over the phrases
         alpha = _cross_attention_weights(
-            clipped, image_dim, -1, log_text_norm, inverse_temperature_i2t, epsilon, weights, buffers, "i2t_"
+            clipped, over_visual, phrase_dim, log_text_norm, inverse_temperature_i2t, floors[0], epsilon, weights, buffers,
+            "i2t_",
         )
-        numerator = torch.sum(torch.mul(alpha, cosine, out=scratch), -1, keepdim=True)  # v_i . T_vi / ||v_i||
-        context = quadratic_i2t(alpha, scratch).clamp_(min=0).sqrt_()  # ||T_vi||
-        similarity = numerator.div_(context.clamp_(min=epsilon)).mean(image_dim, keepdim=True)  # eqs. 5-6
-    if inverse_temperature_t2i is not None:  # eqs. 7-11: each phrase attends over the visual entities
+        numerator = torch.sum(torch.mul(alpha, cosine, out=scratch), phrase_dim, keepdim=True)  # v_i . T_vi / ||v_i||
+        inverse_context = quadratic_i2t(alpha, scratch).clamp_(min=epsilon * epsilon).rsqrt_()  # 1 / max(||T_vi||, eps)
+        similarity = numerator.mul_(inverse_context).mean(image_dim, keepdim=True)  # eqs. 5-6
+    if over_phrases is not None:  # eqs. 7-11: each phrase attends over the visual entities
         alpha = _cross_attention_weights(
-            clipped, -1, image_dim, log_visual_norm, inverse_temperature_t2i, epsilon, weights, buffers, "t2i_"
+            clipped, over_phrases, image_dim, log_visual_norm, inverse_temperature_t2i, floors[1], epsilon, weights,
+            buffers, "t2i_",
         )
         numerator = torch.sum(torch.mul(alpha, cosine, out=scratch), image_dim, keepdim=True)  # t_j . V_tj / ||t_j||
-        context = quadratic_t2i(alpha, scratch).clamp_(min=0).sqrt_()  # ||V_tj||
-        relevance = numerator.div_(context.clamp_(min=epsilon))  # eq. 10; padded phrases give 0
-        similarity_t2i = relevance.sum(-1, keepdim=True).mul_(inverse_text_count)  # eq. 11
+        inverse_context = quadratic_t2i(alpha, scratch).clamp_(min=epsilon * epsilon).rsqrt_()  # 1 / max(||V_tj||, eps)
+        relevance = numerator.mul_(inverse_context)  # eq. 10; padded phrases give 0
+        similarity_t2i = relevance.sum(phrase_dim, keepdim=True).mul_(inverse_text_count)  # eq. 11
     return similarity, similarity_t2i
 
 
@@ -1435,6 +1465,7 @@ def fast_cross_attention_similarity(
     sorted_i2t = torch.zeros(num_images, num_texts, dtype=dtype, device=device) if image_to_text else None
     sorted_t2i = torch.zeros(num_images, num_texts, dtype=dtype, device=device) if text_to_image else None
     lambdas = (inverse_temperature_i2t if image_to_text else None, inverse_temperature_t2i if text_to_image else None)
+    visual_floor = _needs_floor(lambdas[1], log_visual)
     local = _threading.local()
 
     def score_block(block: tuple[int, int, int]) -> None:
@@ -1443,31 +1474,39 @@ def fast_cross_attention_similarity(
         t = rows.numel()
         mask, phrases = _pack_valid(text_mask, rows, n, text)
         phrase_unit, log_text, text_gram = _phrase_side(phrases)
-        inverse_text_count = mask.sum(1).clamp(min=1.0).reciprocal().view(1, 1, t, 1)
-        phrase_unit, log_text = phrase_unit.reshape(t * n, dim), log_text.view(1, 1, t, n)
+        floors = (_needs_floor(lambdas[0], log_text), visual_floor)
+        # Tiles are laid out [a, m, n, t], captions innermost: with a handful of phrases per
+        # caption, an innermost phrase axis would make every broadcast and reduction a loop of
+        # ~6 elements.
+        inverse_text_count = mask.sum(1).clamp(min=1.0).reciprocal().view(1, 1, 1, t)
+        phrase_unit = phrase_unit.transpose(0, 1).reshape(n * t, dim)
+        log_text = log_text.t().reshape(1, 1, n, t)
+        text_gram = text_gram.permute(1, 2, 0).contiguous()  # [n, n, t]
         buffers = getattr(local, "buffers", None)
         if buffers is None:
             buffers = local.buffers = _Buffers(text)
         image_block = max(1, min(num_images, budget // (m * t * n)))
-        for a_start in range(0, num_images, image_block):
-            a_stop = min(num_images, a_start + image_block)
+        tiles = _image_tiles(num_images, m, image_block, lambda first, stop: _matmul_nt(visual_unit[first:stop], phrase_unit))
+        for a_start, a_stop, (cosine,) in tiles:
             a = a_stop - a_start
-            cosine = _matmul_nt(visual_unit[a_start * m : a_stop * m], phrase_unit).view(a, m, t, n)  # eqs. 1, 7
+            cosine = cosine.view(a, m, n, t)  # eqs. 1, 7
             gram = visual_gram[a_start:a_stop]
 
             def quadratic_i2t(alpha: Tensor, scratch: Tensor) -> Tensor:
-                per_text = alpha.view(a * m, t, n).transpose(0, 1)  # [t, a m, n]
-                product = torch.bmm(per_text, text_gram, out=scratch.view(t, a * m, n)).mul_(per_text)
-                return product.sum(-1).t().reshape(a, m, t, 1)
+                # sum_jl alpha_j G_jl alpha_l with G per caption: one broadcast multiply-add per phrase j
+                torch.mul(alpha[:, :, :1], text_gram[0], out=scratch)
+                for j in range(1, n):
+                    scratch.addcmul_(alpha[:, :, j : j + 1], text_gram[j])
+                return scratch.mul_(alpha).sum(2, keepdim=True)
 
             def quadratic_t2i(alpha: Tensor, scratch: Tensor) -> Tensor:
-                flat = alpha.view(a, m, t * n)
-                product = torch.bmm(gram, flat, out=scratch.view(a, m, t * n)).mul_(flat)
-                return product.sum(1, keepdim=True).view(a, 1, t, n)
+                flat = alpha.view(a, m, n * t)
+                product = torch.bmm(gram, flat, out=scratch.view(a, m, n * t)).mul_(flat)
+                return product.sum(1, keepdim=True).view(a, 1, n, t)
 
             s_i2t, s_t2i = _cross_attention_pair_scores(
-                cosine, 1, log_visual[a_start:a_stop].view(a, m, 1, 1), log_text, inverse_text_count,
-                quadratic_i2t, quadratic_t2i, *lambdas, epsilon, buffers,
+                cosine, 1, 2, log_visual[a_start:a_stop].view(a, m, 1, 1), log_text, inverse_text_count,
+                quadratic_i2t, quadratic_t2i, *lambdas, floors, epsilon, buffers,
             )
             if s_i2t is not None:
                 sorted_i2t[a_start:a_stop, start:stop] = s_i2t.view(a, t)
@@ -1515,6 +1554,7 @@ def fast_candidate_cross_attention_similarity(
     sorted_i2t = torch.zeros(num_texts, k, dtype=dtype, device=device) if image_to_text else None
     sorted_t2i = torch.zeros(num_texts, k, dtype=dtype, device=device) if text_to_image else None
     lambdas = (inverse_temperature_i2t if image_to_text else None, inverse_temperature_t2i if text_to_image else None)
+    visual_floor = _needs_floor(lambdas[1], log_visual)
     local = _threading.local()
 
     def score_block(block: tuple[int, int, int]) -> None:
@@ -1523,6 +1563,7 @@ def fast_candidate_cross_attention_similarity(
         t = rows.numel()
         mask, phrases = _pack_valid(text_mask, rows, n, text)
         phrase_unit, log_text, text_gram = _phrase_side(phrases)
+        floors = (_needs_floor(lambdas[0], log_text), visual_floor)
         picked = candidates[rows]  # [t, K]
         buffers = getattr(local, "buffers", None)
         if buffers is None:
@@ -1541,9 +1582,9 @@ def fast_candidate_cross_attention_similarity(
             return product.sum(1, keepdim=True).view(t, k, 1, n)
 
         s_i2t, s_t2i = _cross_attention_pair_scores(
-            cosine, 2, log_visual[picked].view(t, k, m, 1), log_text.view(t, 1, 1, n),
+            cosine, 2, 3, log_visual[picked].view(t, k, m, 1), log_text.view(t, 1, 1, n),
             mask.sum(1).clamp(min=1.0).reciprocal().view(t, 1, 1, 1), quadratic_i2t, quadratic_t2i,
-            *lambdas, epsilon, buffers,
+            *lambdas, floors, epsilon, buffers,
         )
         if s_i2t is not None:
             sorted_i2t[start:stop] = s_i2t.view(t, k)

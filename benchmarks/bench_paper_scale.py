@@ -18,10 +18,11 @@ values), on synthetic data rendered at the config's input size:
 * **peak memory**: CUDA max allocated per phase on a GPU; on a CPU the process's peak RSS after
   each phase (each config runs in its own process, so peaks never carry over; RSS is monotone,
   so each figure includes the phases before it);
-* **encoding**: ``encode_image`` / ``encode_text`` in eval mode without gradients (text
-  processing, e.g. tokenising and noun-phrase extraction, included; features moved to the CPU as
-  the evaluator does), ``--encode-batches`` timed batches after one untimed one, extrapolated to
-  the CUHK-PEDES test split (3,074 images, 6,156 captions);
+* **encoding**: ``encode_image`` / ``encode_text`` in eval mode without gradients (under
+  autocast for ``bf16-mixed``), ``--encode-batches`` timed batches after one untimed one,
+  extrapolated to the CUHK-PEDES test split (3,074 images, 6,156 captions). Caption times include
+  the text processor (tokenising, noun phrases), whose share is reported apart (the evaluator
+  runs it in its data loader's workers); features are moved to the CPU as the evaluator does;
 * **scoring**: the evaluator's :func:`~tbps.evaluation.evaluator.score_features` on a
   CUHK-PEDES-size gallery (6,156 x 3,074) of features of the real shapes (the encoded features,
   tiled and perturbed by noise), float32 as the evaluator gets them: ``method`` (the method's own
@@ -32,7 +33,9 @@ values), on synthetic data rendered at the config's input size:
   last (largest) call is extrapolated linearly to 6,156 queries (every route scores 256-query
   chunks independently). ``rvn`` when the similarity was extrapolated: the extrapolated
   similarity plus RVN's own re-ranking (the gallery's global image-image cosine and
-  ``rvn_rerank``) measured at full size;
+  ``rvn_rerank``) measured at full size. ``--routes`` picks the routes; a method without a fine
+  similarity (``has_fine_similarity`` false) skips two-stage, which would re-score its candidates
+  with the global cosine that chose them;
 * **engine** (``--engine``): the same model and batches through the engine's LightningModule
   in a Lightning ``Trainer`` set up as ``tbps train`` sets it (precision, gradient clipping and
   accumulation, logging interval, its CSV history and TensorBoard loggers, learning-rate monitor;
@@ -397,9 +400,13 @@ def timed_queries(run: Callable[[int], Any], total: int, budget: float) -> dict[
 
 
 def scoring_costs(method: Any, text_features: Mapping[str, torch.Tensor], image_features: Mapping[str, torch.Tensor],
-                  config: Mapping[str, Any], device: torch.device, budget: float) -> dict[str, Any]:
-    """Seconds to score ``text_features`` against ``image_features`` by every route of
-    :data:`SCORING_MODES` (see the module docstring)."""
+                  config: Mapping[str, Any], device: torch.device, budget: float,
+                  routes: Sequence[str] = SCORING_MODES) -> dict[str, Any]:
+    """Seconds to score ``text_features`` against ``image_features`` by each of ``routes`` (of
+    :data:`SCORING_MODES`; see the module docstring)."""
+    unknown = sorted(set(routes) - set(SCORING_MODES))
+    if unknown:
+        raise ValueError(f"unknown scoring route(s) {unknown}; use {', '.join(SCORING_MODES)}")
     from tbps.evaluation.evaluator import score_features
     from tbps.evaluation.rerank import rvn_rerank
     from tbps.models.base import index_features
@@ -411,18 +418,17 @@ def scoring_costs(method: Any, text_features: Mapping[str, torch.Tensor], image_
     results: dict[str, Any] = {"texts": total, "images": next(iter(image_features.values())).shape[0],
                                "top_k": top_k, "rvn_neighbours": neighbours}
     method.eval()
-    kept: dict[str, torch.Tensor] = {}
 
     def runner(rerank: str) -> Callable[[int], Any]:
         def run(queries: int) -> None:
             texts = index_features(text_features, slice(0, queries))
-            similarity = score_features(method, texts, image_features, rerank=rerank, top_k=top_k,
-                                        rvn_neighbours=neighbours, device=device)
-            if rerank == "none" and queries == total:
-                kept["similarity"] = similarity
+            score_features(method, texts, image_features, rerank=rerank, top_k=top_k, rvn_neighbours=neighbours,
+                           device=device)
         return run
 
     for mode, rerank in (("method", "none"), ("two-stage", "two-stage")):
+        if mode not in routes and not (mode == "method" and "rvn" in routes):
+            continue
         if mode == "two-stage" and not method.has_fine_similarity:
             # Its candidates would be re-scored by the global cosine that chose them.
             results[mode] = {"skipped": "no fine similarity: two-stage is the global cosine"}
@@ -431,8 +437,9 @@ def scoring_costs(method: Any, text_features: Mapping[str, torch.Tensor], image_
         measured["how"] = ("measured on every query" if not measured["extrapolated"]
                            else f"extrapolated from {measured['queries']} queries")
         results[mode] = measured
+    if "rvn" not in routes:
+        return results
     if not results["method"]["extrapolated"]:
-        kept.clear()  # the full similarity is recomputed by the call being timed
         measured = timed_queries(runner("rvn"), total, float("inf"))
         measured["how"] = "measured on every query"
     else:
@@ -467,10 +474,6 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def cycle_records(items: Sequence[Any], count: int) -> list[Any]:
-    return [items[i % len(items)] for i in range(count)]
-
-
 class _Memory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -490,18 +493,23 @@ class _Memory:
 def encoding_costs(method: Any, config: Mapping[str, Any], records: Sequence[Any], device: torch.device, precision: str,
                    image_batch: int, caption_batch: int, batches: int) -> tuple[dict[str, Any], dict, dict]:
     """Images/s and captions/s over ``batches`` timed batches (one untimed before), and the
-    features of the timed batches (float32, CPU)."""
+    features of the timed batches (float32, CPU). Each batch takes the next images and captions of
+    ``records`` (cycling when they run out): no caption is processed twice while the pool lasts, so
+    caches (e.g. the noun-phrase extractor's) do not flatter the figures."""
     from tbps.data.datasets import GalleryImages
     from tbps.data.transforms import ImageTransform
     from tbps.models.base import concat_features
 
     mean, std = method.image_mean_std
     gallery = GalleryImages(records, ImageTransform(tuple(config["data"]["image_size"]), mean, std, train=False))
-    images = torch.stack([gallery[i % len(gallery)]["image"] for i in range(image_batch)])
-    captions = cycle_records([c for r in records for c in r.captions], caption_batch)
+    pool = [c for r in records for c in r.captions]
+    image_batches = [torch.stack([gallery[(b * image_batch + i) % len(gallery)]["image"] for i in range(image_batch)])
+                     for b in range(batches + 1)]
+    caption_batches = [[pool[(b * caption_batch + i) % len(pool)] for i in range(caption_batch)]
+                       for b in range(batches + 1)]
     processor = method.build_text_processor()
     method.eval()
-    image_chunks, text_chunks, image_times, text_times = [], [], [], []
+    image_chunks, text_chunks, image_times, text_times, processing_times = [], [], [], [], []
 
     def keep(features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu() for k, v in features.items()}
@@ -510,7 +518,7 @@ def encoding_costs(method: Any, config: Mapping[str, Any], records: Sequence[Any
         for index in range(batches + 1):
             synchronize(device)
             start = time.perf_counter()
-            features = keep(method.encode_image(images.to(device)))
+            features = keep(method.encode_image(image_batches[index].to(device)))
             elapsed = time.perf_counter() - start
             if index:
                 image_times.append(elapsed)
@@ -518,19 +526,27 @@ def encoding_costs(method: Any, config: Mapping[str, Any], records: Sequence[Any
         for index in range(batches + 1):
             synchronize(device)
             start = time.perf_counter()
-            features = keep(method.encode_text(to_device(processor(captions), device)))
+            text = processor(caption_batches[index])
+            processed = time.perf_counter()
+            features = keep(method.encode_text(to_device(text, device)))
             elapsed = time.perf_counter() - start
             if index:
                 text_times.append(elapsed)
+                processing_times.append(processed - start)
                 text_chunks.append(features)
     images_per_second = image_batch / median(image_times)
     captions_per_second = caption_batch / median(text_times)
     stats = {
         "image_batch": image_batch, "caption_batch": caption_batch, "timed_batches": batches,
+        "distinct_captions": min(len(pool), caption_batch * (batches + 1)),
         "images_per_second": round(images_per_second, 2), "captions_per_second": round(captions_per_second, 2),
         "test_split_images_seconds": round(CUHK_TEST_IMAGES / images_per_second, 1),
         "test_split_captions_seconds": round(CUHK_TEST_CAPTIONS / captions_per_second, 1),
-        "times_seconds": {"images": [round(t, 3) for t in image_times], "captions": [round(t, 3) for t in text_times]},
+        # Of the caption time, the text processor's share (tokenising, noun phrases): in the evaluator
+        # it runs in the data loader's workers, beside the model.
+        "caption_processing_share": round(median(processing_times) / median(text_times), 3),
+        "times_seconds": {"images": [round(t, 3) for t in image_times], "captions": [round(t, 3) for t in text_times],
+                          "caption_processing": [round(t, 4) for t in processing_times]},
         "image_features": {k: list(v.shape[1:]) for k, v in image_chunks[0].items()},
         "text_features": {k: list(v.shape[1:]) for k, v in text_chunks[0].items()},
     }
@@ -656,7 +672,8 @@ def run_config(spec: Mapping[str, Any]) -> dict[str, Any]:
         encode_batches = int(spec["encode_batches"]) if "encode" in phases else 1
         image_batch = int(spec["image_batch"] or config["data"]["eval_batch_size"])
         caption_batch = int(spec["caption_batch"] or config["data"]["eval_batch_size"])
-        stats, image_features, text_features = encoding_costs(method, config, test_records, device, precision,
+        records = test_records + dataset.split("val") + train_records  # test first, the rest as a larger pool
+        stats, image_features, text_features = encoding_costs(method, config, records, device, precision,
                                                               image_batch, caption_batch, encode_batches)
         if "encode" in phases:
             result["encode"] = stats
@@ -669,7 +686,8 @@ def run_config(spec: Mapping[str, Any]) -> dict[str, Any]:
         images = tile_features(image_features, CUHK_TEST_IMAGES, seed=1)
         texts = tile_features(text_features, CUHK_TEST_CAPTIONS, seed=2)
         del image_features, text_features
-        result["score"] = scoring_costs(method, texts, images, config, device, float(spec["score_budget"]))
+        result["score"] = scoring_costs(method, texts, images, config, device, float(spec["score_budget"]),
+                                        spec["routes"])
         memory.record("score")
         del images, texts
         gc.collect()
@@ -826,9 +844,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="images per encoding batch (default: 8 on a CPU, the config's eval_batch_size on a GPU)")
     parser.add_argument("--caption-batch", type=int, default=None,
                         help="captions per encoding batch (default: 16 on a CPU, the config's eval_batch_size on a GPU)")
+    parser.add_argument("--routes", nargs="+", default=list(SCORING_MODES), choices=SCORING_MODES,
+                        help="scoring routes to time (rvn also times method, which it adds to)")
     parser.add_argument("--score-budget", type=float, default=20.0,
                         help="seconds a scoring measurement may take before it is extrapolated from fewer queries")
-    parser.add_argument("--identities", type=int, default=48, help="synthetic identities rendered per input size")
+    parser.add_argument("--identities", type=int, default=100,
+                        help="synthetic identities rendered per input size (about 10 captions each)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--config-timeout", type=float, default=None, help="seconds before a config's process is stopped")
     parser.add_argument("--work", type=Path, default=None, help="folder for the synthetic data and stand-ins (kept)")
@@ -864,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "phases": args.phases, "engine": args.engine, "encode_batches": args.encode_batches,
                 "image_batch": args.image_batch or (None if on_gpu else 8),
                 "caption_batch": args.caption_batch or (None if on_gpu else 16),
-                "score_budget": args.score_budget, "identities": args.identities, "threads": args.threads}
+                "routes": args.routes, "score_budget": args.score_budget, "identities": args.identities, "threads": args.threads}
     if args.dry_run:
         assets = {"bert": "<work>/assets/bert-base-uncased", "clip_tokenizer": "<work>/assets/clip/tokenizer"}
         print(json.dumps(settings))

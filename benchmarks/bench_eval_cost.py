@@ -243,16 +243,19 @@ def pair_arithmetic(counts: torch.Tensor, num_images: int, m: int, dim: int, pro
 
 
 def run_kernel_segments(
-    score: Callable[[slice], tuple], num_texts: int, flops_of: Callable[[slice], float], segments: int,
-    device: torch.device, rows: int, dim: int, workers: int,
+    prepare: Callable[[slice], Any], score: Callable[[Any], tuple], num_texts: int, flops_of: Callable[[slice], float],
+    segments: int, device: torch.device, rows: int, dim: int, workers: int,
 ) -> tuple[list[tuple], dict]:
-    """Time ``score`` over ``segments`` caption ranges, a matmul-rate measurement before each."""
+    """Time ``score(prepare(part))`` over ``segments`` caption ranges (``prepare`` untimed), a
+    matmul-rate measurement right before each."""
     results, records = [], []
     edges = [round(i * num_texts / segments) for i in range(segments + 1)]
     for start, stop in zip(edges[:-1], edges[1:]):
         part = slice(start, stop)
+        prepared = prepare(part)
         rates = matmul_rates(rows, dim, device, workers)
-        result, seconds, load_after = timed(lambda: score(part), device)
+        result, seconds, load_after = timed(lambda: score(prepared), device)
+        del prepared
         flops = flops_of(part)
         records.append({
             "texts": stop - start, "seconds": round(seconds, 3), "load_after": load_after, "flops": flops, "rates": rates,
@@ -273,8 +276,18 @@ def run_kernel_segments(
 
 
 def method_similarity(method: Any, texts: dict, images: dict, chunk: int = 256) -> torch.Tensor:
+    """``method.similarity`` in chunks of captions, as ``tbps.evaluation.score_features`` calls it."""
     num = next(iter(texts.values())).shape[0]
     return torch.cat([method.similarity(take(texts, slice(s, s + chunk)), images).float() for s in range(0, num, chunk)])
+
+
+def method_candidates(method: Any, texts: dict, images: dict, candidates: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``method.score_candidates`` in chunks of captions, as ``two_stage_similarity`` calls it."""
+    num = candidates.shape[0]
+    return torch.cat([
+        method.score_candidates(take(texts, slice(s, s + chunk)), images, candidates[s : s + chunk]).float()
+        for s in range(0, num, chunk)
+    ])
 
 
 def bench_nafs(args: argparse.Namespace, device: torch.device, workers: int) -> dict[str, Any]:
@@ -288,32 +301,54 @@ def bench_nafs(args: argparse.Namespace, device: torch.device, workers: int) -> 
     report: dict[str, Any] = {"arithmetic": pair_arithmetic(counts, args.images, m, dim, products=2)}
     print(f"NAFS: {report['arithmetic']}", flush=True)
     with torch.no_grad():
-        (queries, image_values, keys, text_values), seconds, load_after = timed(
-            lambda: attention.project_for_evaluation(images["local"], texts["local"], texts["local_mask"]), device
-        )
-        report["projection"] = {"seconds": round(seconds, 2), "load_after": load_after}
         options = dict(
             image_inverse_temperature=attention.image_inverse_temperature,
             text_inverse_temperature=attention.text_inverse_temperature,
             focal=attention.focal, lambda_scaling=attention.lambda_scaling,
         )
         mask = texts["local_mask"]
+        projection_seconds = []
 
-        def kernel(part: slice):
+        def project(part: Any) -> tuple:
+            # The gallery once per segment, the captions' valid features only (as similarity does).
+            (projected), seconds, _ = timed(
+                lambda: attention.project_for_evaluation(images["local"], texts["local"][part], mask[part]), device
+            )
+            projection_seconds.append(seconds)
+            return projected, mask[part]
+
+        def kernel(prepared: tuple):
+            (queries, image_values, keys, text_values), part_mask = prepared
             return fast_bidirectional_non_local_similarity(
-                queries, image_values, None, keys[part], text_values[part], mask[part],
-                max_elements=method.similarity_max_elements, **options,
+                queries, image_values, None, keys, text_values, part_mask, max_elements=method.similarity_max_elements, **options
             )
 
         def flops_of(part: slice) -> float:
             return pair_arithmetic(counts[part], args.images, m, dim, 2)["flops_total"]
 
         parts, report["kernel"] = run_kernel_segments(
-            kernel, args.texts, flops_of, args.segments, device, args.images * m, dim, workers
+            project, kernel, args.texts, flops_of, args.segments, device, args.images * m, dim, workers
         )
+        report["projection"] = {"seconds": round(sum(projection_seconds), 2), "note": "gallery once per segment + valid caption features"}
         s_i2t = torch.cat([p[0] for p in parts], 1)
         s_t2i = torch.cat([p[1] for p in parts], 1)
+        del parts
         print(f"  kernel {report['kernel']['seconds']} s = {report['kernel']['ratio']} x bound", flush=True)
+        rows = check_rows(counts, args.check_rows).to(device)
+
+        # bf16 inputs (the least error a bf16 GEMM adds).
+        def rounded(x: torch.Tensor) -> torch.Tensor:
+            return x.bfloat16().float()
+
+        (queries, image_values, keys, text_values), _ = project(rows)
+        b_i2t, b_t2i = fast_bidirectional_non_local_similarity(
+            rounded(queries), rounded(image_values), None, rounded(keys), rounded(text_values), mask[rows], **options
+        )
+        report["bf16_inputs"] = {
+            "max_abs_diff_i2t": max_diff(b_i2t, s_i2t[:, rows]), "max_abs_diff_t2i": max_diff(b_t2i, s_t2i[:, rows]),
+        }
+        print(f"  bf16 inputs: {report['bf16_inputs']}", flush=True)
+        del queries, image_values, keys, text_values
 
         rates_before = matmul_rates(args.images * m, dim, device, workers)
         full, seconds, load_after = timed(lambda: method_similarity(method, texts, images), device)
@@ -322,7 +357,6 @@ def bench_nafs(args: argparse.Namespace, device: torch.device, workers: int) -> 
         print(f"  method.similarity {seconds:.1f} s", flush=True)
 
         # Equality with the differentiable reference (what similarity computed before).
-        rows = check_rows(counts, args.check_rows).to(device)
         reference_projection = attention.project(images["local"], texts["local"][rows])
         (ref_i2t, ref_t2i), seconds, load_after = timed(
             lambda: bidirectional_non_local_similarity(
@@ -346,7 +380,7 @@ def bench_nafs(args: argparse.Namespace, device: torch.device, workers: int) -> 
         # Two-stage: global top-128, then the fine score on those.
         coarse = F.normalize(texts["global"], dim=-1) @ F.normalize(images["global"], dim=-1).t()
         candidates = coarse.topk(args.top_k, dim=1).indices
-        picked, seconds, load_after = timed(lambda: method.score_candidates(texts, images, candidates), device)
+        picked, seconds, load_after = timed(lambda: method_candidates(method, texts, images, candidates), device)
         ref_candidates = candidate_bidirectional_non_local_similarity(
             reference_projection[0][candidates[rows]], reference_projection[1][candidates[rows]],
             reference_projection[2], reference_projection[3], mask[rows], **options,
@@ -358,18 +392,6 @@ def bench_nafs(args: argparse.Namespace, device: torch.device, workers: int) -> 
             "max_abs_diff_to_reference_candidates": max_diff(picked[rows], ref_picked),
         }
         print(f"  two-stage: {report['two_stage']}", flush=True)
-
-        # bf16 inputs (the least error a bf16 GEMM adds).
-        def rounded(x: torch.Tensor) -> torch.Tensor:
-            return x.bfloat16().float()
-
-        b_i2t, b_t2i = fast_bidirectional_non_local_similarity(
-            rounded(queries), rounded(image_values), None, rounded(keys[rows]), rounded(text_values[rows]), mask[rows], **options
-        )
-        report["bf16_inputs"] = {
-            "max_abs_diff_i2t": max_diff(b_i2t, s_i2t[:, rows]), "max_abs_diff_t2i": max_diff(b_t2i, s_t2i[:, rows]),
-        }
-        print(f"  bf16 inputs: {report['bf16_inputs']}", flush=True)
     return report
 
 
@@ -389,11 +411,14 @@ def bench_acsa(args: argparse.Namespace, device: torch.device, workers: int) -> 
         def kernel(part: slice):
             return fast_cross_attention_similarity(visual, phrases[part], mask[part], *lambdas, max_elements=method.similarity_max_elements)
 
+        def prepare(part: slice) -> slice:
+            return part
+
         def flops_of(part: slice) -> float:
             return pair_arithmetic(counts[part], args.images, m, dim, 1)["flops_total"]
 
         parts, report["kernel"] = run_kernel_segments(
-            kernel, args.texts, flops_of, args.segments, device, args.images * m, dim, workers
+            prepare, kernel, args.texts, flops_of, args.segments, device, args.images * m, dim, workers
         )
         s_i2t = torch.cat([p[0] for p in parts], 1)
         s_t2i = torch.cat([p[1] for p in parts], 1)
@@ -422,7 +447,7 @@ def bench_acsa(args: argparse.Namespace, device: torch.device, workers: int) -> 
         print(f"  reference: {report['reference']}", flush=True)
 
         candidates = global_score.topk(args.top_k, dim=1).indices
-        picked, seconds, load_after = timed(lambda: method.score_candidates(texts, images, candidates), device)
+        picked, seconds, load_after = timed(lambda: method_candidates(method, texts, images, candidates), device)
         ref_candidates = candidate_cross_attention_similarity(visual[candidates[rows]], phrases[rows], mask[rows], *lambdas)
         ref_picked = global_score[rows].gather(1, candidates[rows]) + method.local_weight * (ref_candidates[0] + ref_candidates[1]) / 2
         report["two_stage"] = {

@@ -466,6 +466,39 @@ def test_test_similarity_is_global_cosine_plus_acam_score(acsa):
     assert torch.allclose(acsa.similarity(text, image), global_only + (s_i2t + s_t2i).t() / 2, atol=1e-6)
 
 
+@pytest.mark.parametrize("relations", ["I-III", "I-IV"])
+def test_similarity_scores_with_the_evaluation_kernels_and_equals_the_reference(relations, monkeypatch):
+    """similarity / score_candidates go through the evaluation kernels (counted here), without
+    autograd, and give the differentiable cross-attention's numbers; training keeps it."""
+    import tbps.methods.acsa as acsa_module
+
+    calls = {"full": 0, "candidates": 0}
+    for name, attribute in (("full", "fast_cross_attention_similarity"), ("candidates", "fast_candidate_cross_attention_similarity")):
+        function = getattr(acsa_module, attribute)
+
+        def wrapper(*args, _name=name, _function=function, **kwargs):
+            calls[_name] += 1
+            return _function(*args, **kwargs)
+
+        monkeypatch.setattr(acsa_module, attribute, wrapper)
+    method = build(relations=relations)
+    text, image = random_features(dim=32)
+    similarity = method.similarity(text, image)  # grad mode on: similarity turns it off
+    candidates = torch.tensor([[0, 4, 2], [1, 1, 3], [4, 3, 2], [0, 1, 2]])
+    scores = method.score_candidates(text, image, candidates)
+    phrases, mask = method.text_entities(text)
+    s_i2t, s_t2i = cross_attention_similarity(method.visual_entities(image), phrases, mask, method.lambda_i2t, method.lambda_t2i)
+    expected = F.normalize(text["global"], dim=-1) @ F.normalize(image["global"], dim=-1).t() + (s_i2t + s_t2i).t() / 2
+    assert calls == {"full": 1, "candidates": 1}
+    assert not similarity.requires_grad
+    assert torch.allclose(similarity, expected, atol=1e-5)
+    assert torch.allclose(scores, expected.gather(1, candidates), atol=1e-5)
+    # With autograd (the ACSA loss) the differentiable function scores, and gradients flow.
+    visual = method.visual_entities(image).requires_grad_()
+    trained = method.cross_scale_similarities({"global": visual[:, 0], "regions": visual[:, 1:]}, text)
+    assert calls["full"] == 1 and trained[0].grad_fn is not None
+
+
 def test_explain_pair_reports_the_attended_entity_per_phrase(acsa, processor):
     acsa.train()  # random-init EfficientNet collapses in eval mode; train mode gives distinct features
     result = acsa.explain_pair(torch.randn(3, *IMAGE_SIZE), CAPTIONS[0], processor)

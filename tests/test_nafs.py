@@ -716,6 +716,75 @@ def test_similarity_equals_score_candidates(nafs, switches):
     assert torch.allclose(full, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "switches",
+    [{}, {"alignment": "separate"}, {"directions": "image-to-text"}, {"focal": False, "lambda_scaling": "none"}],
+)
+def test_similarity_scores_with_the_evaluation_kernels_and_equals_the_reference(nafs, switches, monkeypatch):
+    """similarity and score_candidates go through the evaluation kernels (counted here), without
+    autograd even when called with it on, and give the training-time attention's numbers."""
+    import tbps.methods.nafs as nafs_module
+    import tbps.models.attention as attention_module
+
+    calls = {"full": 0, "candidates": 0}
+
+    def counting(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        attention_module, "fast_bidirectional_non_local_similarity",
+        counting("full", attention_module.fast_bidirectional_non_local_similarity),
+    )
+    monkeypatch.setattr(
+        nafs_module, "fast_candidate_bidirectional_non_local_similarity",
+        counting("candidates", nafs_module.fast_candidate_bidirectional_non_local_similarity),
+    )
+    attention = nafs.attention
+    saved = (nafs.alignment, attention.directions, attention.focal, attention.lambda_scaling)
+    nafs.alignment = switches.get("alignment", nafs.alignment)
+    attention.directions = switches.get("directions", attention.directions)
+    attention.focal = switches.get("focal", attention.focal)
+    attention.lambda_scaling = switches.get("lambda_scaling", attention.lambda_scaling)
+    nafs.eval()
+    try:
+        data = make_batch(nafs, CAPTIONS[:3], LABELS[:3])
+        with torch.no_grad():
+            images = nafs.encode_image(torch.randn(5, 3, *IMAGE_SIZE))
+            texts = nafs.encode_text(data["text"])
+        full = nafs.similarity(texts, images)  # grad mode on: similarity turns it off
+        candidates = torch.tensor([[4, 0, 2], [1, 1, 3], [0, 2, 4]])
+        scored = nafs.score_candidates(texts, images, candidates)
+        with torch.no_grad():  # the reference: the differentiable functions on the training projections
+            iq, iv, tk, tv = attention.project(images["local"], texts["local"])
+            mask = texts["local_mask"]
+            pairs = [(slice(None), slice(None))] if nafs.alignment == "joint" else nafs._scale_slices()
+            totals = []
+            for image_slice, text_slice in pairs:
+                if image_slice.stop == 1:
+                    cosine = F.normalize(images["local"][:, 0], dim=-1) @ F.normalize(texts["local"][:, 0], dim=-1).t()
+                    parts = [cosine] * (2 if attention.directions == "both" else 1)
+                else:
+                    parts = [p for p in bidirectional_non_local_similarity(
+                        iq[:, image_slice], iv[:, image_slice], None, tk[:, text_slice], tv[:, text_slice],
+                        mask[:, text_slice], attention.image_inverse_temperature, attention.text_inverse_temperature,
+                        attention.focal, image_to_text=attention.uses_image_to_text,
+                        text_to_image=attention.uses_text_to_image, lambda_scaling=attention.lambda_scaling,
+                    ) if p is not None]
+                totals.append(sum(parts) / len(parts))
+            expected = nafs.global_similarity(texts, images) + (sum(totals) / len(pairs)).t()
+    finally:
+        nafs.alignment, attention.directions, attention.focal, attention.lambda_scaling = saved
+        nafs.train()
+    assert calls["full"] >= 1 and calls["candidates"] >= 1
+    assert not full.requires_grad and not scored.requires_grad
+    assert torch.allclose(full, expected, atol=1e-5)
+    assert torch.allclose(scored, expected.gather(1, candidates), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ ablations, training
 
 

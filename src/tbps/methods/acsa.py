@@ -32,8 +32,8 @@ Reads like the paper:
    and ``S'`` (the enabled directions). The paper does not say how it ranks at test; Fig. 4
    ends at the ACAM score ``S(I, T)``, and its Table V rows are "based on global-level
    alignment", so we add both. ``local`` and ``global`` are options. :meth:`ACSA.similarity`
-   tiles the gallery; :meth:`ACSA.score_candidates` scores each text's own candidates for
-   two-stage retrieval (same numbers). Re-ranking ("ACSA+RR", Table I) is the shared RVN:
+   and :meth:`ACSA.score_candidates` (each text's own candidates, for two-stage retrieval: the
+   same numbers) score with the evaluation kernels of :mod:`tbps.models.attention`. Re-ranking ("ACSA+RR", Table I) is the shared RVN:
    the evaluator's ``rerank="rvn"``.
 
 Ablation switches, all under ``model``:

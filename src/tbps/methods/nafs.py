@@ -43,9 +43,11 @@ Reads like the paper:
    code ranks; ``local`` is the non-local score alone (eq. 5's ``S``, averaged with ``S'``
    when both directions are on: the paper ranks by eq. 5, Sec. 3.4) and ``global`` the global
    cosine. It only changes how encoded features are scored, so a trained checkpoint can be
-   scored either way. :meth:`NAFS.similarity` tiles the gallery, and
-   :meth:`NAFS.score_candidates` scores each text's own candidates for two-stage retrieval.
-   RVN re-ranking (Sec. 3.4, eq. 8) is the evaluator's ``rerank="rvn"``.
+   scored either way. :meth:`NAFS.similarity` and :meth:`NAFS.score_candidates` (each text's
+   own candidates, for two-stage retrieval: the same numbers on those pairs) score with the
+   evaluation kernels of :mod:`tbps.models.attention` (the training-time attention's numbers,
+   computed near the matrix-multiply bound; ``benchmarks/README.md``, "Evaluation cost against
+   the compute bound"). RVN re-ranking (Sec. 3.4, eq. 8) is the evaluator's ``rerank="rvn"``.
 
 Ablation switches (Tables 2-4 and methods.md §3), all under ``model``:
 

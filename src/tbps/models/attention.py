@@ -13,6 +13,10 @@ All functions here are batched over every (query item, key item) pair of two bat
 ``A`` items (e.g. images) against ``B`` items (e.g. captions) is one set of tensor operations
 of shape ``[A, B, m, n]``; :func:`chunked_non_local_similarity` tiles large galleries so memory
 stays bounded. There is no Python loop over pairs.
+
+The ``fast_*`` functions (section "Evaluation kernels") give the same scores without autograd,
+at a cost close to their two (NAFS) or one (ACSA) GEMM per tile: the methods score the test
+gallery with them; training uses the differentiable functions above.
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ values), on synthetic data rendered at the config's input size:
   ``eval.rvn_neighbours``). Each is timed on a growing number of queries until the whole query
   set is measured or the next call would exceed ``--score-budget`` seconds; then the time of the
   last (largest) call is extrapolated linearly to 6,156 queries (every route scores 256-query
-  chunks independently). ``rvn`` when the similarity was extrapolated: the extrapolated
-  similarity plus RVN's own re-ranking (the gallery's global image-image cosine and
-  ``rvn_rerank``) measured at full size. ``--routes`` picks the routes; a method without a fine
+  chunks independently). ``rvn``: measured whole when the similarity took at most half the
+  budget, else the similarity's time (measured or extrapolated) plus RVN's own re-ranking (the
+  gallery's global image-image cosine and ``rvn_rerank``) measured at full size. ``--routes`` picks the routes; a method without a fine
   similarity (``has_fine_similarity`` false) skips two-stage, which would re-score its candidates
   with the global cosine that chose them;
 * **engine** (``--engine``): the same model and batches through the engine's LightningModule
@@ -392,11 +392,14 @@ def timed_queries(run: Callable[[int], Any], total: int, budget: float) -> dict[
         if queries >= total:
             return {"queries": queries, "seconds": seconds, "full_seconds": seconds, "extrapolated": False, "calls": calls}
         per_query = seconds / queries
-        following = total if per_query * total <= budget else int(budget / max(per_query, 1e-9))
-        if following < 1.5 * queries:
+        if per_query * total <= budget:
+            queries = total  # the whole query set fits the budget: measure it
+            continue
+        following = int(budget / max(per_query, 1e-9))
+        if following < 1.5 * queries:  # no call much larger than this one fits: extrapolate from it
             return {"queries": queries, "seconds": seconds, "full_seconds": per_query * total, "extrapolated": True,
                     "calls": calls}
-        queries = min(total, following)
+        queries = following
 
 
 def scoring_costs(method: Any, text_features: Mapping[str, torch.Tensor], image_features: Mapping[str, torch.Tensor],
@@ -439,12 +442,14 @@ def scoring_costs(method: Any, text_features: Mapping[str, torch.Tensor], image_
         results[mode] = measured
     if "rvn" not in routes:
         return results
-    if not results["method"]["extrapolated"]:
+    similarity = results["method"]
+    if not similarity["extrapolated"] and similarity["full_seconds"] <= budget / 2:
         measured = timed_queries(runner("rvn"), total, float("inf"))
         measured["how"] = "measured on every query"
     else:
-        # score_features' rvn path after the similarity rows: the gallery's global image-image
-        # cosine and rvn_rerank, here on a full-size stand-in matrix (the global cosine).
+        # score_features' rvn path after the similarity rows (the gallery's global image-image
+        # cosine and rvn_rerank), timed on a full-size stand-in matrix (the global cosine), plus the
+        # similarity's time: a second full similarity would not fit the budget.
         with torch.no_grad():
             texts = {key: value.to(device) for key, value in text_features.items()}
             images = {key: value.to(device) for key, value in image_features.items()}
@@ -456,9 +461,9 @@ def scoring_costs(method: Any, text_features: Mapping[str, torch.Tensor], image_
             rvn_rerank(stand_in, image_image, neighbours=neighbours).cpu()
             rerank_seconds = time.perf_counter() - start
             del images, stand_in, image_image
-        measured = {"queries": results["method"]["queries"], "rerank_seconds": rerank_seconds,
-                    "full_seconds": results["method"]["full_seconds"] + rerank_seconds, "extrapolated": True,
-                    "how": "the similarity's extrapolated time + RVN's re-ranking measured at full size"}
+        measured = {"queries": similarity["queries"], "rerank_seconds": rerank_seconds,
+                    "full_seconds": similarity["full_seconds"] + rerank_seconds, "extrapolated": similarity["extrapolated"],
+                    "how": f"the similarity's time ({similarity['how']}) + RVN's re-ranking measured at full size"}
     results["rvn"] = measured
     return results
 
@@ -848,10 +853,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="scoring routes to time (rvn also times method, which it adds to)")
     parser.add_argument("--score-budget", type=float, default=20.0,
                         help="seconds a scoring measurement may take before it is extrapolated from fewer queries")
+    parser.add_argument("--score-budget-for", nargs="+", default=[], metavar="CONFIG=SECONDS",
+                        help="another --score-budget for these configs (e.g. nafs/cuhk-pedes=40)")
     parser.add_argument("--identities", type=int, default=100,
                         help="synthetic identities rendered per input size (about 10 captions each)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--config-timeout", type=float, default=None, help="seconds before a config's process is stopped")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every config in this process (GPU only: saves a start per config; CUDA peaks are "
+                             "per phase, a CPU's peak RSS would carry over; --config-timeout does not apply)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the synthetic data and stand-ins (kept)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (written after every config)")
     parser.add_argument("--dry-run", action="store_true",
@@ -874,9 +884,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     on_gpu = args.device.startswith("cuda")
     if on_gpu and not args.dry_run and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no GPU")
+    if args.in_process and not on_gpu:
+        parser.error("--in-process needs --device cuda: on a CPU the peak RSS of one config would carry over to the next")
+    if args.in_process and args.config_timeout is not None:
+        parser.error("--config-timeout needs a process per config; leave out --in-process")
     names, groups = select_configs(args)
     if not names:
         parser.error("no paper config selected")
+    budgets = {}
+    for item in args.score_budget_for:
+        name, _, seconds = item.partition("=")
+        if name not in names or not seconds:
+            parser.error(f"--score-budget-for {item!r}: give CONFIG=SECONDS for a selected config ({', '.join(names)})")
+        budgets[name] = float(seconds)
 
     from tbps.config import load_config, to_container
 
@@ -885,7 +905,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "phases": args.phases, "engine": args.engine, "encode_batches": args.encode_batches,
                 "image_batch": args.image_batch or (None if on_gpu else 8),
                 "caption_batch": args.caption_batch or (None if on_gpu else 16),
-                "routes": args.routes, "score_budget": args.score_budget, "identities": args.identities, "threads": args.threads}
+                "routes": args.routes, "score_budget": args.score_budget, "score_budget_for": budgets,
+                "in_process": args.in_process, "identities": args.identities, "threads": args.threads}
     if args.dry_run:
         assets = {"bert": "<work>/assets/bert-base-uncased", "clip_tokenizer": "<work>/assets/clip/tokenizer"}
         print(json.dumps(settings))
@@ -906,7 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for name in names:
         height, width = sizes[name]
-        spec = dict(settings, config=name, assets=assets, data_root=roots[f"{height}x{width}"], work=str(work),
+        spec = dict(settings, config=name, score_budget=budgets.get(name, args.score_budget), assets=assets, data_root=roots[f"{height}x{width}"], work=str(work),
                     result=str(work / f"result-{name.replace('/', '-')}.json"))
         spec_path = work / f"spec-{name.replace('/', '-')}.json"
         spec_path.write_text(json.dumps(spec))
@@ -914,18 +935,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_path = work / f"log-{name.replace('/', '-')}.txt"
         print(f"[{time.perf_counter() - started:7.0f} s] {name} ...", flush=True)
         begin = time.perf_counter()
-        with open(log_path, "w") as log:
+        if args.in_process:
             try:
-                code = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                                      stdout=log, stderr=subprocess.STDOUT, timeout=args.config_timeout).returncode
-            except subprocess.TimeoutExpired:
-                code = None
-        if code == 0 and Path(spec["result"]).exists():
-            entry = json.loads(Path(spec["result"]).read_text())
+                entry = run_config(spec)
+            except Exception:  # noqa: BLE001 - one config's failure is recorded, the others still run
+                import traceback
+
+                entry = {"config": name, "error": traceback.format_exc()}
+            gc.collect()
+            torch.cuda.empty_cache()
         else:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-            reason = f"timed out after {args.config_timeout} s" if code is None else f"exit code {code}"
-            entry = {"config": name, "error": reason + "\n" + "\n".join(tail)}
+            with open(log_path, "w") as log:
+                try:
+                    code = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+                                          stdout=log, stderr=subprocess.STDOUT, timeout=args.config_timeout).returncode
+                except subprocess.TimeoutExpired:
+                    code = None
+            if code == 0 and Path(spec["result"]).exists():
+                entry = json.loads(Path(spec["result"]).read_text())
+            else:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+                reason = f"timed out after {args.config_timeout} s" if code is None else f"exit code {code}"
+                entry = {"config": name, "error": reason + "\n" + "\n".join(tail)}
         entry["same_model_as"] = groups[name]
         entry["wall_seconds"] = round(time.perf_counter() - begin, 1)
         payload["configs"].append(entry)

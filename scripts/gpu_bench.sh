@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Paper-scale figures on a GPU machine in one run of about 8 minutes (issue 17, item 4):
+# Paper-scale figures on a GPU machine in one run of about 8 minutes (issue 17, item 4): one pass
+# of benchmarks/bench_paper_scale.py over its default set (each method's CUHK-PEDES and
+# clip-cuhk-pedes configs, and the ICFG-PEDES / RSTPReid ones whose model differs: 14 models), all
+# in one process (--in-process: no Python start per config), --device cuda --precision bf16-mixed:
 #
-#   1. every paper config of benchmarks/bench_paper_scale.py's default set (each method's
-#      CUHK-PEDES and clip-cuhk-pedes configs, and the ICFG-PEDES / RSTPReid ones whose model
-#      differs: 14 models), --device cuda --precision bf16-mixed: training step at the config's
-#      batch size (8 steps, the first 3 untimed), images/s, CUDA peak memory, encoding throughput
-#      at the config's eval batch size, the engine's overhead (the same model and batches through
-#      the Lightning Trainer against the bare loop; goal <= 5 %), and every scoring route with a
-#      2 s budget each (cheap routes measured whole, the others extrapolated);
-#   2. the CUHK-PEDES-size evaluation (6,156 captions x 3,074 images) of NAFS's and ACSA's test
-#      similarity and of LAIP's ITM re-scoring (two-stage, top 128), each measured on every query
-#      when it fits 40 s (goal <= 30 s), else extrapolated from the queries that did.
+#   * training step at the config's batch size (8 steps, the first 3 untimed), images/s, CUDA peak
+#     memory per phase, encoding throughput at the config's eval batch size (2 batches);
+#   * the engine's overhead: the same model and batches through the Lightning Trainer against the
+#     bare loop (goal <= 5 %);
+#   * every scoring route on a CUHK-PEDES-size gallery (6,156 captions x 3,074 images) with 2 s a
+#     route (cheap routes measured whole, the others extrapolated), except the headline
+#     evaluations, which get 40 s (measured on every query when they fit, goal <= 30 s each): NAFS's
+#     and ACSA's test similarity and LAIP's ITM re-scoring (two-stage, top 128), i.e. the
+#     nafs/cuhk-pedes, acsa/cuhk-pedes and laip/cuhk-pedes rows.
 #
-# Results: $OUT when set (the device tool's folder), else benchmarks/results/:
-# paper-scale-cuda.json, paper-scale-cuda-eval.json, paper-scale-cuda-logs.tar.gz (the
-# per-config logs) and nvidia-smi.txt. Print their tables with
+# Results: $OUT when set (the device tool's folder), else benchmarks/results/: paper-scale-cuda.json
+# (written after every config), paper-scale-cuda-log.txt and nvidia-smi.txt. Print the tables with
 #   python benchmarks/bench_paper_scale.py --table benchmarks/results/paper-scale-cuda.json
 #
 # Usage:
@@ -79,20 +80,16 @@ gpu=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 RESULTS=${OUT:-benchmarks/results}
 WORK=${TBPS_BENCH_WORK:-${TMPDIR:-/tmp}/tbps-gpu-bench}
 mkdir -p "$RESULTS" "$WORK"
-bench=(benchmarks/bench_paper_scale.py --device cuda --precision bf16-mixed --work "$WORK")
-all=(--steps 8 --warmup 3 --engine --encode-batches 2 --score-budget 2 --config-timeout 150
-     --out "$RESULTS/paper-scale-cuda.json")
-evaluation=(--configs nafs/cuhk-pedes acsa/cuhk-pedes laip/cuhk-pedes --phases score --routes method two-stage
-            --score-budget 40 --config-timeout 240 --out "$RESULTS/paper-scale-cuda-eval.json")
+bench=(benchmarks/bench_paper_scale.py --device cuda --precision bf16-mixed --work "$WORK" --in-process
+       --steps 8 --warmup 3 --engine --encode-batches 2 --score-budget 2
+       --score-budget-for nafs/cuhk-pedes=40 acsa/cuhk-pedes=40 laip/cuhk-pedes=40
+       --out "$RESULTS/paper-scale-cuda.json")
 
 if [ "$mode" = dry ]; then
     echo "python: $PY ($("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')); GPU: $gpu"
     echo "results: $RESULTS; work: $WORK"
-    echo "+ $PY ${bench[*]} ${all[*]}"
-    "$PY" "${bench[@]}" "${all[@]}" --dry-run
-    echo "+ $PY ${bench[*]} ${evaluation[*]}"
-    "$PY" "${bench[@]}" "${evaluation[@]}" --dry-run
-    exit 0
+    echo "+ $PY ${bench[*]}"
+    exec "$PY" "${bench[@]}" --dry-run
 fi
 if [ "$gpu" != 1 ]; then
     echo "torch sees no GPU here; bash scripts/gpu_bench.sh --dry-run checks the plan without one" >&2
@@ -101,10 +98,8 @@ fi
 
 nvidia-smi > "$RESULTS/nvidia-smi.txt" 2>&1 || true
 start=$SECONDS
+set -o pipefail
 status=0
-"$PY" "${bench[@]}" "${all[@]}" || status=$?
-echo "pass 1 (every config): $((SECONDS - start)) s, exit $status"
-"$PY" "${bench[@]}" "${evaluation[@]}" || status=$?
-echo "pass 2 (CUHK-PEDES-size evaluation): $((SECONDS - start)) s in all, exit $status"
-tar -czf "$RESULTS/paper-scale-cuda-logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls log-*.txt 2>/dev/null) 2>/dev/null || true
+"$PY" "${bench[@]}" 2>&1 | tee "$RESULTS/paper-scale-cuda-log.txt" || status=$?
+echo "every config: $((SECONDS - start)) s, exit $status"
 exit $status

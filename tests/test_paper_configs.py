@@ -77,6 +77,36 @@ def test_offline_stand_ins_keep_the_paper_shapes(tmp_path: Path) -> None:
     assert bench.paper_num_classes(bench.load_paper_config("nafs/icfg-pedes", assets)) == 3102 - 310
 
 
+def test_scoring_time_is_measured_whole_when_it_fits_and_extrapolated_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def scorer(cost_per_query):
+        def run(queries: int) -> None:
+            clock[0] += queries * cost_per_query(queries)
+        return run
+
+    # Small calls cost more per query (warm-up, fixed costs): the first projection overshoots the
+    # budget, the second fits it although the whole set is less than 1.5x the last call.
+    measured = bench.timed_queries(scorer(lambda q: 0.0048 if q < 1000 else 0.00277), 6156, budget=20.0)
+    assert (measured["queries"], measured["extrapolated"]) == (6156, False)
+    assert measured["full_seconds"] == pytest.approx(6156 * 0.00277)
+    assert [calls[0] for calls in measured["calls"]] == [1, 4166, 6156]
+    slow = bench.timed_queries(scorer(lambda q: 2.0**-7), 6156, budget=20.0)  # 48 s in all: 2,560 queries fit
+    assert slow["extrapolated"] and slow["queries"] == 2560 and slow["full_seconds"] == pytest.approx(6156 * 2.0**-7)
+    heavy = bench.timed_queries(scorer(lambda q: 30.0), 6156, budget=20.0)  # one query is already over budget
+    assert heavy["queries"] == 1 and heavy["full_seconds"] == pytest.approx(6156 * 30.0)
+
+
+def test_tiled_features_keep_shapes_and_masks_and_differ_row_to_row() -> None:
+    features = {"global": torch.randn(3, 8), "tokens": torch.randn(3, 5, 8), "mask": torch.tensor([[1, 1, 0]] * 3)}
+    tiled = bench.tile_features(features, 10, seed=0)
+    assert {k: tuple(v.shape) for k, v in tiled.items()} == {"global": (10, 8), "tokens": (10, 5, 8), "mask": (10, 3)}
+    assert torch.equal(tiled["mask"], features["mask"][torch.arange(10) % 3])
+    assert torch.unique(tiled["global"], dim=0).shape[0] == 10  # rows 0 and 3 come from one row, perturbed
+    assert torch.allclose(tiled["global"][3], features["global"][0], atol=0.5)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return bench.write_assets(tmp_path_factory.mktemp("paper-assets"), CAPTIONS)

@@ -20,7 +20,9 @@ values), on synthetic data rendered at the config's input size:
   so each figure includes the phases before it);
 * **encoding**: ``encode_image`` / ``encode_text`` in eval mode without gradients (under
   autocast for ``bf16-mixed``), ``--encode-batches`` timed batches after one untimed one,
-  extrapolated to the CUHK-PEDES test split (3,074 images, 6,156 captions). Caption times include
+  extrapolated to the CUHK-PEDES test split (3,074 images, 6,156 captions); batches of
+  ``--image-batch`` / ``--caption-batch`` (default: 8 / 16 on a CPU, the config's
+  ``eval_batch_size`` on a GPU), each of images and captions not yet seen. Caption times include
   the text processor (tokenising, noun phrases), whose share is reported apart (the evaluator
   runs it in its data loader's workers); features are moved to the CPU as the evaluator does;
 * **scoring**: the evaluator's :func:`~tbps.evaluation.evaluator.score_features` on a
@@ -33,17 +35,19 @@ values), on synthetic data rendered at the config's input size:
   last (largest) call is extrapolated linearly to 6,156 queries (every route scores 256-query
   chunks independently). ``rvn``: measured whole when the similarity took at most half the
   budget, else the similarity's time (measured or extrapolated) plus RVN's own re-ranking (the
-  gallery's global image-image cosine and ``rvn_rerank``) measured at full size. ``--routes`` picks the routes; a method without a fine
-  similarity (``has_fine_similarity`` false) skips two-stage, which would re-score its candidates
-  with the global cosine that chose them;
+  gallery's global image-image cosine and ``rvn_rerank``) measured at full size. ``--routes``
+  picks the routes; a method without a fine similarity (``has_fine_similarity`` false) skips
+  two-stage, which would re-score its candidates with the global cosine that chose them;
 * **engine** (``--engine``): the same model and batches through the engine's LightningModule
   in a Lightning ``Trainer`` set up as ``tbps train`` sets it (precision, gradient clipping and
   accumulation, logging interval, its CSV history and TensorBoard loggers, learning-rate monitor;
-  no checkpoint writing, one device, no validation), timed from one batch end to the next, against
-  the bare loop of the training phase: overhead = Lightning step / bare step - 1.
+  no checkpoint writing, no validation, one device with strategy ``auto``: a config's DDP strategy
+  needs several), timed from one batch end to the next, against the bare loop of the training
+  phase: overhead = Lightning step / bare step - 1.
 
-Each config runs in a child process (``--config-timeout`` bounds it); results are written after
-every config. Which configs (default): every CUHK-PEDES config (including ``clip-cuhk-pedes``),
+Each config runs in a child process (``--config-timeout`` bounds it), or, on a GPU with
+``--in-process``, all in this one (no Python start per config); results are written after every
+config. Which configs (default): every CUHK-PEDES config (including ``clip-cuhk-pedes``),
 and the ICFG-PEDES / RSTPReid ones whose model differs from an already listed one (method, input
 size and the whole ``model`` section compared; a dataset's classifier size alone does not count).
 ``--all-datasets`` lists every paper config, ``--configs`` names them, ``--methods`` filters.

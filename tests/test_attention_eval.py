@@ -240,3 +240,41 @@ def test_fast_cross_attention_directions():
     one = fast_cross_attention_similarity(visual, text, mask, 20.0, 20.0, image_to_text=False)
     assert one[0] is None and torch.equal(one[1], both[1])
     assert fast_cross_attention_similarity(visual, text, mask, 20.0, 20.0, False, False) == (None, None)
+
+
+def test_evaluation_cache_reuses_only_the_same_unmodified_tensors():
+    from tbps.models.attention import EvaluationCache
+
+    cache, computed = EvaluationCache(), []
+    gallery = torch.ones(3)
+
+    def derive(x):
+        computed.append(1)
+        return x * 2
+
+    first = cache.get((gallery, None), "a", lambda: derive(gallery))
+    assert cache.get((gallery, None), "a", lambda: derive(gallery)) is first and len(computed) == 1
+    gallery.add_(1)  # in place: the version counter moves
+    assert torch.equal(cache.get((gallery, None), "a", lambda: derive(gallery)), torch.full((3,), 4.0))
+    assert len(computed) == 2
+    cache.get((gallery, None), "b", lambda: derive(gallery))  # another key
+    cache.get((gallery.clone(), None), "b", lambda: derive(gallery))  # equal values, another tensor
+    assert len(computed) == 4
+
+
+def test_kernels_follow_a_gallery_changed_in_place():
+    q, v, q_mask, k, u, k_mask = non_local_inputs(seed=5)
+    before = fast_bidirectional_non_local_similarity(q, v, None, k, u, k_mask, 4.0, 4.0)
+    q[0].mul_(-1.0)
+    v[1].add_(1.0)
+    after = fast_bidirectional_non_local_similarity(q, v, None, k, u, k_mask, 4.0, 4.0)
+    fresh = fast_bidirectional_non_local_similarity(q.clone(), v.clone(), None, k, u, k_mask, 4.0, 4.0)
+    assert not torch.allclose(after[0], before[0])
+    assert all(torch.equal(a, b) for a, b in zip(after, fresh))
+    visual, text, mask = acsa_inputs(seed=6)
+    before = fast_cross_attention_similarity(visual, text, mask, 20.0, 20.0)
+    visual[2].mul_(-1.0)
+    after = fast_cross_attention_similarity(visual, text, mask, 20.0, 20.0)
+    fresh = fast_cross_attention_similarity(visual.clone(), text, mask, 20.0, 20.0)
+    assert not torch.allclose(after[0], before[0])
+    assert all(torch.equal(a, b) for a, b in zip(after, fresh))

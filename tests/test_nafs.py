@@ -785,6 +785,30 @@ def test_similarity_scores_with_the_evaluation_kernels_and_equals_the_reference(
     assert torch.allclose(scored, expected.gather(1, candidates), atol=1e-5)
 
 
+def test_similarity_follows_weights_and_gallery_changed_in_place(nafs):
+    """The gallery's projections are cached across chunks of captions (EvaluationCache); an
+    optimiser step (in-place weights) or an in-place change of the features must show."""
+    nafs.eval()
+    try:
+        data = make_batch(nafs, CAPTIONS[:3], LABELS[:3])
+        with torch.no_grad():
+            images = nafs.encode_image(torch.randn(5, 3, *IMAGE_SIZE))
+            texts = nafs.encode_text(data["text"])
+            before = nafs.similarity(texts, images)
+            assert torch.equal(nafs.similarity(texts, images), before)
+            saved = nafs.attention.image_query.weight.clone()
+            nafs.attention.image_query.weight.mul_(-1.0)
+            flipped = nafs.similarity(texts, images)
+            nafs.attention.image_query.weight.copy_(saved)
+            images["local"][1:].mul_(0.5).add_(0.1)
+            moved = nafs.similarity(texts, images)
+            fresh = nafs.similarity(texts, {key: value.clone() for key, value in images.items()})
+    finally:
+        nafs.train()
+    assert not torch.allclose(flipped, before)
+    assert not torch.allclose(moved, before) and torch.equal(moved, fresh)
+
+
 # ------------------------------------------------------------------------------ ablations, training
 
 

@@ -67,6 +67,7 @@ from torch import Tensor, nn
 
 from tbps.losses import CMPCLoss, cmpm_loss, similarity_kl_alignment
 from tbps.models.attention import (
+    EvaluationCache,
     cross_attention_scores,
     cross_attention_similarity,
     fast_candidate_cross_attention_similarity,
@@ -80,6 +81,7 @@ from tbps.models.registry import register_method
 from tbps.text.phrases import NounPhraseExtractor, pad_phrases
 
 RELATIONS = ("I", "I+II", "I-III", "I-IV")
+_GALLERY_ENTITIES = EvaluationCache()  # visual entities of the gallery being scored
 LOCAL_FEATURES = ("partition", "six-slices")
 REGION_SOURCES = ("spatial", "channel")
 TEST_SIMILARITIES = ("global+local", "local", "global")
@@ -411,6 +413,13 @@ class ACSA(PersonSearchMethod):
             return image_features["regions"]
         return torch.cat([image_features["global"].unsqueeze(1), image_features["regions"]], dim=1)
 
+    def _gallery_entities(self, image_features: Mapping[str, Tensor]) -> Tensor:
+        """:meth:`visual_entities` of an evaluation gallery, built once for all its chunks of
+        captions (:class:`~tbps.models.attention.EvaluationCache`)."""
+        return _GALLERY_ENTITIES.get(
+            (image_features["global"], image_features["regions"]), self.relations, lambda: self.visual_entities(image_features)
+        )
+
     def text_entities(self, text_features: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(T, mask)``: the phrases, or the sentence followed by the phrases for relations I-IV."""
         phrases, mask = text_features["phrases"], text_features["phrase_mask"]
@@ -428,8 +437,10 @@ class ACSA(PersonSearchMethod):
         :func:`~tbps.models.attention.fast_cross_attention_similarity`.
         """
         text, mask = self.text_entities(text_features)
-        visual = self.visual_entities(image_features)
-        score = cross_attention_similarity if requires_autograd(visual, text) else fast_cross_attention_similarity
+        if requires_autograd(image_features["global"], image_features["regions"], text):
+            visual, score = self.visual_entities(image_features), cross_attention_similarity
+        else:
+            visual, score = self._gallery_entities(image_features), fast_cross_attention_similarity
         return score(
             visual, text, mask, self.lambda_i2t, self.lambda_t2i,
             image_to_text=self.uses_image_to_text, text_to_image=self.uses_text_to_image, max_elements=max_elements,
@@ -514,7 +525,7 @@ class ACSA(PersonSearchMethod):
         text_features = self._trim_phrase_padding(text_features)
         text, mask = self.text_entities(text_features)
         scores = fast_candidate_cross_attention_similarity(
-            self.visual_entities(image_features), text, mask, candidates, self.lambda_i2t, self.lambda_t2i,
+            self._gallery_entities(image_features), text, mask, candidates, self.lambda_i2t, self.lambda_t2i,
             image_to_text=self.uses_image_to_text, text_to_image=self.uses_text_to_image,
             max_elements=self.similarity_max_elements,
         )

@@ -222,6 +222,26 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
+def disagreement(fast: tuple, reference: tuple, float64: Callable[[int, int], tuple]) -> dict[str, Any]:
+    """Pairs where the kernel and the reference (both float32, ``[images, rows]``) differ, and the
+    worst one against a float64 computation ``float64(image, row)`` -> (S, S')."""
+    diffs = torch.stack([(f.double() - r.double()).abs() for f, r in zip(fast, reference)])  # [2, images, rows]
+    worst = diffs.amax(0)
+    image, row = divmod(int(worst.argmax()), worst.shape[1])
+    direction = int(diffs[:, image, row].argmax())
+    exact = float(float64(image, row)[direction])
+    return {
+        "pairs": worst.numel(),
+        "pairs_over_1e-5": int((worst > 1e-5).sum()),
+        "pairs_over_1e-4": int((worst > 1e-4).sum()),
+        "worst_pair": {
+            "image": image, "row": row, "direction": ("image-to-text", "text-to-image")[direction],
+            "kernel": float(fast[direction][image, row]), "reference": float(reference[direction][image, row]),
+            "float64": exact,
+        },
+    }
+
+
 # ------------------------------------------------------------------------------ per method
 
 
@@ -375,6 +395,19 @@ def bench_nafs(args: argparse.Namespace, device: torch.device, workers: int) -> 
             "max_abs_diff_kernel_t2i": max_diff(s_t2i[:, rows], ref_t2i),
             "max_abs_diff_method": max_diff(full[rows], reference_score),
         }
+
+        def nafs_float64(image: int, row: int) -> tuple:
+            def project(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+                return F.linear(x.double(), layer.weight.double(), layer.bias.double())
+
+            picture, caption = images["local"][image : image + 1], texts["local"][rows[row] : rows[row] + 1]
+            return bidirectional_non_local_similarity(
+                project(attention.image_query, picture), project(attention.image_value, picture), None,
+                project(attention.text_key, caption), project(attention.text_value, caption), mask[rows[row] : rows[row] + 1].double(),
+                **options,
+            )
+
+        report["reference"].update(disagreement((s_i2t[:, rows], s_t2i[:, rows]), (ref_i2t, ref_t2i), nafs_float64))
         print(f"  reference: {report['reference']}", flush=True)
 
         # Two-stage: global top-128, then the fine score on those.
@@ -444,6 +477,14 @@ def bench_acsa(args: argparse.Namespace, device: torch.device, workers: int) -> 
             "max_abs_diff_kernel_t2i": max_diff(s_t2i[:, rows], ref_t2i),
             "max_abs_diff_method": max_diff(full[rows], reference_score),
         }
+
+        def acsa_float64(image: int, row: int) -> tuple:
+            return cross_attention_similarity(
+                visual[image : image + 1].double(), phrases[rows[row] : rows[row] + 1].double(), mask[rows[row] : rows[row] + 1].double(),
+                *lambdas,
+            )
+
+        report["reference"].update(disagreement((s_i2t[:, rows], s_t2i[:, rows]), (ref_i2t, ref_t2i), acsa_float64))
         print(f"  reference: {report['reference']}", flush=True)
 
         candidates = global_score.topk(args.top_k, dim=1).indices

@@ -517,9 +517,7 @@ class ACSA(PersonSearchMethod):
         (:func:`~tbps.models.attention.fast_candidate_cross_attention_similarity` gathers each
         block of texts' candidates, tiles within ``similarity_max_elements``).
         """
-        text_unit = F.normalize(text_features["global"].float(), dim=-1)
-        image_unit = F.normalize(image_features["global"].float(), dim=-1)
-        global_scores = torch.einsum("td,tkd->tk", text_unit, image_unit[candidates])
+        global_scores = self.global_similarity(text_features, image_features).gather(1, candidates)  # as similarity's
         if not self.uses_acam or self.test_similarity == "global":
             return global_scores
         text_features = self._trim_phrase_padding(text_features)

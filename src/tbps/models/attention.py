@@ -576,14 +576,9 @@ class ContextualNonLocalAttention(nn.Module):
             image_queries, image_values = _PROJECTED_GALLERY.get(  # the same gallery for every chunk of captions
                 (image_features, *(tensor for layer in layers for tensor in (layer.weight, layer.bias))),
                 None,
-                lambda: tuple(linear_for_evaluation(image_features, layer) for layer in layers),
+                lambda: linear_for_evaluation(image_features, layers),
             )
-            return (
-                image_queries,
-                image_values,
-                linear_for_evaluation(text_features, self.text_key, text_mask),
-                linear_for_evaluation(text_features, self.text_value, text_mask),
-            )
+            return (image_queries, image_values, *linear_for_evaluation(text_features, (self.text_key, self.text_value), text_mask))
 
     def matched_attention(
         self, image_queries: Tensor, text_keys: Tensor, image_mask: Tensor | None = None, text_mask: Tensor | None = None
@@ -896,29 +891,30 @@ def _matmul_nt(left: Tensor, right: Tensor, relu: bool = False) -> Tensor:
     return product.clamp_(min=0) if relu else product
 
 
-def linear_for_evaluation(features: Tensor, layer: nn.Linear, mask: Tensor | None = None) -> Tensor:
-    """``layer(features)`` without gradients, float32 CPU products through oneDNN (as
-    :func:`_matmul_nt`); with ``mask`` (``features.shape[:-1]``, 1 = real) only the real rows
-    are projected and the others come out 0 (padding, which the evaluation kernels ignore)."""
-    _refuse_autograd("linear_for_evaluation", features, layer.weight)
+def linear_for_evaluation(
+    features: Tensor, layers: nn.Linear | tuple[nn.Linear, ...], mask: Tensor | None = None
+) -> Tensor | tuple[Tensor, ...]:
+    """``layer(features)`` for each layer, without gradients, float32 CPU products through oneDNN
+    (as :func:`_matmul_nt`); with ``mask`` (``features.shape[:-1]``, 1 = real) only the real rows
+    are projected (gathered once for all layers) and the others come out 0 (padding, which the
+    evaluation kernels ignore). One layer in, one tensor out; a tuple in, a tuple out."""
+    single = isinstance(layers, nn.Linear)
+    layers = (layers,) if single else tuple(layers)
+    _refuse_autograd("linear_for_evaluation", features, *(layer.weight for layer in layers))
     with torch.no_grad():
-        return _linear_rows(features, layer, mask)
-
-
-def _linear_rows(features: Tensor, layer: nn.Linear, mask: Tensor | None) -> Tensor:
-    rows = features.reshape(-1, features.shape[-1])
-    keep = None if mask is None else mask.reshape(-1).bool()
-    if keep is not None:
-        rows = rows[keep]
-    if rows.device.type == "cpu" and rows.dtype == layer.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        projected = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), layer.weight, layer.bias, "none", [], "")
-    else:
-        projected = layer(rows)
-    if keep is not None:
-        full = projected.new_zeros(keep.shape[0], projected.shape[-1])
-        full[keep] = projected
-        projected = full
-    return projected.view(*features.shape[:-1], projected.shape[-1])
+        rows = features.reshape(-1, features.shape[-1])
+        index = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+        picked = rows if index is None else rows.index_select(0, index)
+        results = []
+        for layer in layers:
+            if picked.device.type == "cpu" and picked.dtype == layer.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+                projected = torch.ops.mkldnn._linear_pointwise(picked.contiguous(), layer.weight, layer.bias, "none", [], "")
+            else:
+                projected = layer(picked)
+            if index is not None:
+                projected = projected.new_zeros(rows.shape[0], projected.shape[-1]).index_copy_(0, index, projected)
+            results.append(projected.view(*features.shape[:-1], projected.shape[-1]))
+    return results[0] if single else tuple(results)
 
 
 class EvaluationCache:
@@ -926,32 +922,42 @@ class EvaluationCache:
 
     The evaluator scores every chunk of captions against one gallery; the gallery side of the
     kernels (unit vectors, Gram matrices, projections) is computed once and reused while the
-    inputs are the *same tensor objects* with the same version counters (in-place changes bump
-    them). Inputs are held through weak references, so a dead gallery never matches (its memory
-    can't be mistaken for a new tensor's); one entry, the latest gallery.
+    inputs are the *same tensors* (the same objects, or the same views of the same base tensor)
+    with the same version counters (in-place changes bump them). Tensors are held through weak
+    references, so a dead gallery never matches (its memory can't be mistaken for a new
+    tensor's); the ``size`` latest entries are kept.
     """
 
-    def __init__(self) -> None:
-        self._references: tuple = ()
-        self._versions: tuple = ()
-        self._extra: Any = None
-        self._value: Any = None
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: list[tuple[tuple, tuple, Any]] = []  # (references, signature, value), latest first
         self._lock = _threading.Lock()
 
+    @staticmethod
+    def _describe(tensor: Tensor | None) -> tuple[Any, tuple]:
+        if tensor is None:
+            return None, (None,)
+        base = tensor if tensor._base is None else tensor._base
+        geometry = (tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
+        return base, (base._version, geometry)
+
     def get(self, inputs: tuple[Tensor | None, ...], extra: Any, compute: Callable[[], Any]) -> Any:
-        versions = tuple(None if t is None else t._version for t in inputs)
+        described = [self._describe(t) for t in inputs]
+        bases = tuple(base for base, _ in described)
+        signature = (tuple(part for _, part in described), extra)
         with self._lock:
-            if (
-                len(self._references) == len(inputs)
-                and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(self._references, inputs))
-                and self._versions == versions
-                and self._extra == extra
-            ):
-                return self._value
+            for index, (references, cached_signature, value) in enumerate(self._entries):
+                if cached_signature == signature and all(
+                    (r is None and b is None) or (r is not None and r() is b) for r, b in zip(references, bases)
+                ):
+                    self._entries.insert(0, self._entries.pop(index))
+                    return value
         value = compute()
+        references = tuple(None if b is None else _weakref.ref(b) for b in bases)
         with self._lock:
-            self._references = tuple(None if t is None else _weakref.ref(t) for t in inputs)
-            self._versions, self._extra, self._value = versions, extra, value
+            self._entries = [(references, signature, value)] + [
+                entry for entry in self._entries[: self.size - 1] if all(r is None or r() is not None for r in entry[0])
+            ]
         return value
 
 
@@ -1027,6 +1033,13 @@ def _tile_budget(device: torch.device, max_elements: int | None) -> int:
     return max(1, preferred if max_elements is None else min(preferred, int(max_elements)))
 
 
+def _gather(gallery: Tensor, picked: Tensor) -> Tensor:
+    """``gallery[picked]`` as whole-row copies (``index_select``; advanced indexing is several
+    times slower on large rows)."""
+    flat = gallery.reshape(gallery.shape[0], -1).index_select(0, picked.reshape(-1))
+    return flat.view(*picked.shape, *gallery.shape[1:])
+
+
 def _per_text_products(gallery: Tensor, picked: Tensor, features: Tensor, relu: bool = False) -> Tensor:
     """``[t, K rows, n]``: each text's candidate rows of ``gallery`` times its own features,
     ``gallery[picked[j]] @ features[j]^T``, one :func:`_matmul_nt` per text.
@@ -1037,7 +1050,7 @@ def _per_text_products(gallery: Tensor, picked: Tensor, features: Tensor, relu: 
     near-zero cosine into a visible change (NAFS: s / (sum + 1e-8) with every s of a key ~1e-8).
     A single feature is padded with a zero row (N = 1 takes another kernel)."""
     t, n = features.shape[:2]
-    rows = gallery[picked].reshape(t, -1, gallery.shape[-1])
+    rows = _gather(gallery, picked).reshape(t, -1, gallery.shape[-1])
     right = features if n > 1 else torch.cat([features, torch.zeros_like(features)], dim=1)
     return torch.stack([_matmul_nt(rows[j], right[j], relu=relu)[:, :n] for j in range(t)])
 
@@ -1394,7 +1407,7 @@ def fast_candidate_bidirectional_non_local_similarity(
         scores = _per_text_products(image_unit, picked, keys, relu=True).view(t, k, m, n)
         values = _per_text_products(image_vals, picked, vals).view(t, k, m, n)
         text_gram = vals @ vals.transpose(1, 2)  # [t, n, n]
-        gram = image_gram[picked].view(t * k, m, m)
+        gram = _gather(image_gram, picked).view(t * k, m, m)
 
         def quadratic_i2t(alpha: Tensor, scratch: Tensor) -> Tensor:
             flat = alpha.view(t, k * m, n)
@@ -1413,7 +1426,7 @@ def fast_candidate_bidirectional_non_local_similarity(
             _direction_constants(text_inverse_temperature, focal, lambda_scaling, text_count, image_count)
             if text_to_image else None,
             image_count.reciprocal(), text_count.clamp(min=1.0).reciprocal(),
-            image_norm_sq[picked].view(t, k, m, 1), vals.square().sum(-1).view(t, 1, 1, n), quadratic_i2t, quadratic_t2i,
+            _gather(image_norm_sq, picked).view(t, k, m, 1), vals.square().sum(-1).view(t, 1, 1, n), quadratic_i2t, quadratic_t2i,
             focal, epsilon, buffers,
         )
         if s_i2t is not None:
@@ -1667,7 +1680,7 @@ def fast_candidate_cross_attention_similarity(
         if buffers is None:
             buffers = local.buffers = _Buffers(text)
         cosine = _per_text_products(visual_unit, picked, phrase_unit).view(t, k, m, n)
-        gram = visual_gram[picked].view(t * k, m, m)
+        gram = _gather(visual_gram, picked).view(t * k, m, m)
 
         def quadratic_i2t(alpha: Tensor, scratch: Tensor) -> Tensor:
             flat = alpha.view(t, k * m, n)
@@ -1680,7 +1693,7 @@ def fast_candidate_cross_attention_similarity(
             return product.sum(1, keepdim=True).view(t, k, 1, n)
 
         s_i2t, s_t2i = _cross_attention_pair_scores(
-            cosine, 2, 3, log_visual[picked].view(t, k, m, 1), log_text.view(t, 1, 1, n),
+            cosine, 2, 3, _gather(log_visual, picked).view(t, k, m, 1), log_text.view(t, 1, 1, n),
             mask.sum(1).clamp(min=1.0).reciprocal().view(t, 1, 1, 1), quadratic_i2t, quadratic_t2i,
             *lambdas, floors, epsilon, buffers,
         )

@@ -802,39 +802,55 @@ __all__ += ["candidate_cross_attention_similarity", "cross_attention_scores", "c
 #   matrices and the image's Gram matrix: n m^2. Everything else (clip, normalisations,
 #   focal filter, exponentials, sums) is O(m n). With D = 768, m = 6 and n = 33 that is
 #   304,128 + 6,534 + 1,188 multiply-adds per pair, 97.5 % of it in the two products.
-# * ACSA: one cosine matrix, m n D; ``G_t`` (n^2 m) and ``G_v`` (m^2 n) as above.
+#   The projections (I_Q, I_V of each image, T_K, T_V of each valid text feature, D^2 each)
+#   are per feature, not per pair.
+# * ACSA: one cosine matrix, m n D; ``G_t`` (n^2 m) and ``G_v`` (m^2 n) as above. With m = 5
+#   and n = 5.4 phrases: 20,736 + 146 + 135, 98.6 % in the product.
 #
-# The two products are one GEMM each over a tile of images x captions, ``[a m, D] @ [D, t n]``
-# (laid out ``[a, m, t, n]``), so the bound is that GEMM's rate. What keeps the rest small:
+# The products are one GEMM each over a tile of images x captions, ``[a m, D] @ [D, t n]``,
+# so the bound is that GEMM's rate (benchmarks/bench_eval_cost.py measures both against it;
+# the figures are in benchmarks/README.md). What keeps the rest small:
 #
 # * captions are sorted by their number of valid features and tiled in that order with their
 #   valid features packed first, so padding (a 100-token word slot range, 8 sub-sentence
 #   slots) is never multiplied; padding is zero, which makes it drop out of every sum below;
 # * softmax normalisation is skipped: the cosine of eq. 4 (NAFS) and eq. 5 / eq. 10 (ACSA) is
 #   unchanged when a query's weights are all multiplied by one positive number, so
-#   ``exp(logit - c)`` with any per-query ``c`` gives the same relevance as the softmax. ``c``
-#   is the query's largest logit (NAFS: found from the largest normalised cosine, since
-#   ``[s - mu]_+ s`` grows with ``s``); exponents below -40 are raised to -40 (weights under
-#   e^-40 = 4e-18 of the largest, far below float32 resolution) because ``exp`` of very
-#   negative arguments is ten times slower on CPUs;
-# * ACSA folds each value norm into its weight (``log ||t_j||`` added to the exponent), so the
-#   numerators and context norms use the unit vectors' cosine and Gram matrices directly, and
-#   padded phrases (norm 0) get weight exactly 0;
+#   ``exp(logit - c)`` with ``c`` the query's largest logit gives the softmax's relevance
+#   (NAFS finds ``c`` from the largest normalised cosine, since ``[s - mu]_+ s`` grows with
+#   ``s``). The largest weight is 1, so eq. 4's ``max(., eps)`` acts where it did (the sum of
+#   weights is 1 to n instead of 1: only a context norm under 1e-8 can tell). Exponents below
+#   -40 are raised to -40 (weights under e^-40 = 4e-18 of the largest, far below float32
+#   resolution) because ``exp`` of very negative arguments is ten times slower on CPUs;
+# * ACSA folds each attended vector's norm into its weight (``log ||u||`` added to the
+#   exponent), so numerators and context norms use the unit vectors' cosines and Gram matrices
+#   directly, and padded phrases (norm 0) get weight exactly 0; its tiles are laid out
+#   ``[a, m, n, t]`` (captions innermost: ~6 phrases would make every inner loop 6 long);
 # * NAFS folds lambda and the count scaling into the normalised cosine:
 #   ``lambda f [K (s^ - mean s^)]_+ s^ = [s' - mean s']_+ s'`` with ``s' = sqrt(lambda f K) s^``;
-# * every intermediate lives in per-worker buffers reused from tile to tile, and ops write in
-#   place (``out=``): on a CPU a fresh large tensor costs page faults on every tile;
+# * every intermediate lives in per-worker buffers reused from tile to tile, ops write in
+#   place (``out=``), and the gallery side (unit vectors, Gram matrices, NAFS's projections,
+#   ACSA's visual entities) is computed once for all chunks of captions (EvaluationCache);
 # * on a CPU, ``workers`` threads (default: ``torch.get_num_threads()``) each score their own
 #   text blocks with one intra-op thread: a tile's ops are ~0.1 ms, and an OpenMP fork/join per
 #   op costs milliseconds whenever another process holds one of the cores;
 # * float32 GEMMs go through oneDNN on CPUs that have it (``mkldnn._linear_pointwise``, the
 #   kernel behind ``torch.compile``'s CPU linear): twice MKL's rate on this AMD machine, same
-#   float32 arithmetic.
+#   float32 arithmetic. bf16 products are not used: rounding the inputs to bf16 alone moves
+#   NAFS scores by up to 2e-2 and ACSA's by 2e-4 at CUHK-PEDES size (bench_eval_cost.py).
 #
-# Results equal the reference functions to float32 rounding (tests/test_attention_eval.py:
-# 1e-5 against a literal per-pair loop; benchmarks/bench_eval_cost.py: 1e-4 at CUHK-PEDES size).
-# One difference on degenerate input: a caption with no valid feature scores 0 in both
-# directions (the reference NAFS functions give NaN for it image-to-text; ACSA's give 0).
+# Results equal the reference functions to float32 rounding: tests/test_attention_eval.py
+# checks every kernel against a literal per-pair loop to 1e-5; bench_eval_cost.py checks 48
+# captions x the whole CUHK-PEDES-size gallery against the reference to 1e-4. NAFS's eq. 2 is
+# ill-conditioned where every image feature's cosine with a text feature is ~0: ``s / (sum_a s
+# + 1e-8)`` then turns float32 rounding of the cosines (~1e-8) into O(1) changes of s^, so two
+# float32 implementations (this one and the reference, each with its own GEMM) can differ by
+# up to ~1e-3 on such rare pairs, each about as far from a float64 computation. The two-stage
+# kernels compute their products with the same oneDNN GEMM as the full grid, whose every output
+# element has the same bits at any matrix size (N >= 2), so two-stage scores equal the full
+# scores on the kept candidates. One difference on degenerate input: a caption with no valid
+# feature scores 0 in both directions (the reference NAFS functions give NaN image-to-text;
+# ACSA's give 0).
 
 import functools as _functools
 import math as _math
@@ -1055,18 +1071,38 @@ def _per_text_products(gallery: Tensor, picked: Tensor, features: Tensor, relu: 
     return torch.stack([_matmul_nt(rows[j], right[j], relu=relu)[:, :n] for j in range(t)])
 
 
-def _image_tiles(num_images: int, m: int, image_block: int, *products: Callable[[int, int], Tensor]):
-    """``(a_start, a_stop, tiles)`` over the gallery, ``tiles[i]`` the rows ``[a_start m, a_stop m)``
-    of ``products[i](first_row, stop_row)``. Each product is computed for several tiles at once
-    (``_GEMM_ROWS`` rows): a GEMM call repacks its operands, which small calls pay per tile."""
-    group = max(image_block, (_GEMM_ROWS // m) // image_block * image_block)
-    for g_start in range(0, num_images, group):
-        g_stop = min(num_images, g_start + group)
-        outputs = [product(g_start * m, g_stop * m) for product in products]
-        for a_start in range(g_start, g_stop, image_block):
-            a_stop = min(g_stop, a_start + image_block)
-            rows = slice((a_start - g_start) * m, (a_stop - g_start) * m)
-            yield a_start, a_stop, [output[rows] for output in outputs]
+def _gallery_work(
+    blocks: list[tuple[int, int, int]], num_images: int, m: int, budget: int
+) -> list[tuple[tuple[int, int, int], int, int, int]]:
+    """Work items ``(text block, first image, stop image, images per tile)``: each text block
+    against groups of ``_GEMM_ROWS // m`` images (one GEMM per product and group: a GEMM call
+    repacks its operands, which small calls would pay per tile), so that even a few text blocks
+    keep every worker busy."""
+    items = []
+    for block in blocks:
+        start, stop, n = block
+        image_block = max(1, min(num_images, budget // (m * (stop - start) * n)))
+        group = max(image_block, (_GEMM_ROWS // m) // image_block * image_block)
+        items += [(block, g, min(num_images, g + group), image_block) for g in range(0, num_images, group)]
+    return items
+
+
+def _image_tiles(first: int, stop: int, m: int, image_block: int, *products: Callable[[int, int], Tensor]):
+    """``(a_start, a_stop, tiles)`` over images ``[first, stop)``, ``tiles[i]`` the rows
+    ``[a_start m, a_stop m)`` of ``products[i](first m, stop m)`` (computed once)."""
+    outputs = [product(first * m, stop * m) for product in products]
+    for a_start in range(first, stop, image_block):
+        a_stop = min(stop, a_start + image_block)
+        rows = slice((a_start - first) * m, (a_stop - first) * m)
+        yield a_start, a_stop, [output[rows] for output in outputs]
+
+
+def _per_thread(local: _threading.local, block: tuple, prepare: Callable[[tuple], Any]) -> Any:
+    """``prepare(block)``, kept by this thread while its work items share the block."""
+    cached = getattr(local, "block", None)
+    if cached is None or cached[0] != block:
+        local.block = cached = (block, prepare(block))
+    return cached[1]
 
 
 def _text_blocks(counts: Tensor, columns: int) -> tuple[Tensor, list[tuple[int, int, int]]]:
@@ -1297,34 +1333,38 @@ def fast_bidirectional_non_local_similarity(
             image_counts.clamp(min=1.0).reciprocal(),
         )
 
-    def score_block(block: tuple[int, int, int]) -> None:
+    def prepare_block(block: tuple[int, int, int]) -> tuple:
         start, stop, n = block
-        rows = order[start:stop]
-        t = rows.numel()
-        mask, keys, vals = _pack_valid(text_mask, rows, n, text_keys, text_vals)
+        t = stop - start
+        mask, keys, vals = _pack_valid(text_mask, order[start:stop], n, text_keys, text_vals)
         keys = _unit(keys)  # padding stays 0
         text_count = mask.sum(1).view(1, 1, t, 1)
         text_norm_sq = vals.square().sum(-1).view(1, 1, t, n)
         text_gram = vals @ vals.transpose(1, 2)  # [t, n, n]
-        keys, vals = keys.reshape(t * n, dim), vals.reshape(t * n, dim)
+        # m valid features per image: the direction constants depend on the text only
+        shared = constants(image_count[:1].view(1, 1, 1, 1), text_count) if image_mask is None else None
+        return keys.reshape(t * n, dim), vals.reshape(t * n, dim), text_count, text_norm_sq, text_gram, shared
+
+    def score_item(item: tuple) -> None:
+        block, first, last, image_block = item
+        start, stop, n = block
+        t = stop - start
+        keys, vals, text_count, text_norm_sq, text_gram, shared = _per_thread(local, block, prepare_block)
         inverse_text_count = text_count.clamp(min=1.0).reciprocal()
-        if image_mask is None:  # m valid features per image: the constants depend on the text only
-            shared = constants(image_count[:1].view(1, 1, 1, 1), text_count)
         buffers = getattr(local, "buffers", None)
         if buffers is None:
             buffers = local.buffers = _Buffers(text_vals)
-        image_block = max(1, min(num_images, budget // (m * t * n)))
         tiles = _image_tiles(
-            num_images, m, image_block,
-            lambda first, stop: _matmul_nt(image_unit[first:stop], keys, relu=True),  # [cos]_+ (eq. 2)
-            lambda first, stop: _matmul_nt(image_vals[first:stop], vals),  # v_a . t_vb
+            first, last, m, image_block,
+            lambda begin, end: _matmul_nt(image_unit[begin:end], keys, relu=True),  # [cos]_+ (eq. 2)
+            lambda begin, end: _matmul_nt(image_vals[begin:end], vals),  # v_a . t_vb
         )
         for a_start, a_stop, (scores, values) in tiles:
             a = a_stop - a_start
             scores, values = scores.view(a, m, t, n), values.view(a, m, t, n)
             gram = image_gram[a_start:a_stop]
             i2t, t2i, inverse_image_count = (
-                shared if image_mask is None else constants(image_count[a_start:a_stop].view(a, 1, 1, 1), text_count)
+                shared if shared is not None else constants(image_count[a_start:a_stop].view(a, 1, 1, 1), text_count)
             )
 
             def quadratic_i2t(alpha: Tensor, scratch: Tensor) -> Tensor:
@@ -1347,7 +1387,7 @@ def fast_bidirectional_non_local_similarity(
             if s_t2i is not None:
                 sorted_t2i[start:stop, a_start:a_stop] = s_t2i.view(a, t).t()
 
-    _parallel_map(score_block, blocks, _eval_workers(device, workers))
+    _parallel_map(score_item, _gallery_work(blocks, num_images, m, budget), _eval_workers(device, workers))
     return _unsort(sorted_i2t, order, True), _unsort(sorted_t2i, order, True)
 
 
@@ -1582,25 +1622,32 @@ def fast_cross_attention_similarity(
     visual_floor = _needs_floor(lambdas[1], log_visual)
     local = _threading.local()
 
-    def score_block(block: tuple[int, int, int]) -> None:
+    def prepare_block(block: tuple[int, int, int]) -> tuple:
         start, stop, n = block
-        rows = order[start:stop]
-        t = rows.numel()
-        mask, phrases = _pack_valid(text_mask, rows, n, text)
+        t = stop - start
+        mask, phrases = _pack_valid(text_mask, order[start:stop], n, text)
         phrase_unit, log_text, text_gram = _phrase_side(phrases)
         floors = (_needs_floor(lambdas[0], log_text), visual_floor)
         # Tiles are laid out [a, m, n, t], captions innermost: with a handful of phrases per
         # caption, an innermost phrase axis would make every broadcast and reduction a loop of
         # ~6 elements.
-        inverse_text_count = mask.sum(1).clamp(min=1.0).reciprocal().view(1, 1, 1, t)
-        phrase_unit = phrase_unit.transpose(0, 1).reshape(n * t, dim)
-        log_text = log_text.t().reshape(1, 1, n, t)
-        text_gram = text_gram.permute(1, 2, 0).contiguous()  # [n, n, t]
+        return (
+            phrase_unit.transpose(0, 1).reshape(n * t, dim),
+            log_text.t().reshape(1, 1, n, t),
+            text_gram.permute(1, 2, 0).contiguous(),  # [n, n, t]
+            mask.sum(1).clamp(min=1.0).reciprocal().view(1, 1, 1, t),
+            floors,
+        )
+
+    def score_item(item: tuple) -> None:
+        block, first, last, image_block = item
+        start, stop, n = block
+        t = stop - start
+        phrase_unit, log_text, text_gram, inverse_text_count, floors = _per_thread(local, block, prepare_block)
         buffers = getattr(local, "buffers", None)
         if buffers is None:
             buffers = local.buffers = _Buffers(text)
-        image_block = max(1, min(num_images, budget // (m * t * n)))
-        tiles = _image_tiles(num_images, m, image_block, lambda first, stop: _matmul_nt(visual_unit[first:stop], phrase_unit))
+        tiles = _image_tiles(first, last, m, image_block, lambda begin, end: _matmul_nt(visual_unit[begin:end], phrase_unit))
         for a_start, a_stop, (cosine,) in tiles:
             a = a_stop - a_start
             cosine = cosine.view(a, m, n, t)  # eqs. 1, 7
@@ -1627,7 +1674,7 @@ def fast_cross_attention_similarity(
             if s_t2i is not None:
                 sorted_t2i[start:stop, a_start:a_stop] = s_t2i.view(a, t).t()
 
-    _parallel_map(score_block, blocks, _eval_workers(device, workers))
+    _parallel_map(score_item, _gallery_work(blocks, num_images, m, budget), _eval_workers(device, workers))
     return _unsort(sorted_i2t, order, True), _unsort(sorted_t2i, order, True)
 
 

@@ -1484,37 +1484,20 @@ def _cross_attention_weights(
     softmax_dim: int,
     log_norm: Tensor,
     inverse_temperature: float,
-    floor: bool,
     epsilon: float,
     out: Tensor,
-    buffers: _Buffers,
-    prefix: str,
 ) -> Tensor:
-    """``||u|| exp(lambda s~ - c)`` into ``out``: ACSA's attention weights (eqs. 2-4 / 8-9)
-    times the attended vectors' norms, up to one positive factor per query.
+    """``softmax(lambda s~ + log ||u||)`` into ``out``: ACSA's attention weights (eqs. 2-4 /
+    8-9) times the attended vectors' norms, up to one positive factor per query.
 
     ``s~ = [s]_+ / sqrt(max(squared_norm, eps))`` (``squared_norm``: the sum of ``[s]_+^2`` over
     the other modality's axis, eqs. 2 and 8); ``log_norm`` is ``log ||u||`` of the attended
-    vectors, broadcast along ``softmax_dim`` (-inf for padding); ``c`` is each query's largest
-    exponent; ``floor``: whether exponents can fall below ``_EXP_FLOOR``.
+    vectors, broadcast along ``softmax_dim`` (-inf for padding: weight 0). One fused softmax
+    (max, exp, sum) along a non-innermost axis is cheaper than its parts.
     """
     scale = squared_norm.clamp(min=epsilon).rsqrt_().mul_(inverse_temperature)
     torch.addcmul(log_norm, clipped, scale, out=out)  # lambda s~ + log ||u||
-    top_shape = list(out.shape)
-    top_shape[softmax_dim] = 1
-    top = buffers(prefix + "top", *top_shape)
-    torch.amax(out, softmax_dim, keepdim=True, out=top)
-    out.sub_(top)
-    if floor:
-        out.clamp_(min=_EXP_FLOOR)
-    return out.exp_()
-
-
-def _needs_floor(inverse_temperature: float | None, log_norm: Tensor) -> bool:
-    """Whether ``lambda s~ + log ||u||`` (``s~`` in [0, 1]) can span more than -_EXP_FLOOR."""
-    finite = log_norm[torch.isfinite(log_norm)]
-    spread = float(finite.max() - finite.min()) if finite.numel() else 0.0
-    return inverse_temperature is not None and inverse_temperature + spread > -_EXP_FLOOR
+    return torch.ops.aten._softmax.out(out, softmax_dim % out.dim(), False, out=out)
 
 
 def _cross_attention_pair_scores(
@@ -1528,7 +1511,6 @@ def _cross_attention_pair_scores(
     quadratic_t2i: Callable[[Tensor, Tensor], Tensor],
     inverse_temperature_i2t: float | None,
     inverse_temperature_t2i: float | None,
-    floors: tuple[bool, bool],
     epsilon: float,
     buffers: _Buffers,
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -1544,16 +1526,14 @@ def _cross_attention_pair_scores(
     similarity = similarity_t2i = None
     if over_visual is not None:  # eqs. 2-6: each visual entity attends over the phrases
         alpha = _cross_attention_weights(
-            clipped, over_visual, phrase_dim, log_text_norm, inverse_temperature_i2t, floors[0], epsilon, weights, buffers,
-            "i2t_",
+            clipped, over_visual, phrase_dim, log_text_norm, inverse_temperature_i2t, epsilon, weights
         )
         numerator = torch.sum(torch.mul(alpha, cosine, out=scratch), phrase_dim, keepdim=True)  # v_i . T_vi / ||v_i||
         inverse_context = quadratic_i2t(alpha, scratch).clamp_(min=epsilon * epsilon).rsqrt_()  # 1 / max(||T_vi||, eps)
         similarity = numerator.mul_(inverse_context).mean(image_dim, keepdim=True)  # eqs. 5-6
     if over_phrases is not None:  # eqs. 7-11: each phrase attends over the visual entities
         alpha = _cross_attention_weights(
-            clipped, over_phrases, image_dim, log_visual_norm, inverse_temperature_t2i, floors[1], epsilon, weights,
-            buffers, "t2i_",
+            clipped, over_phrases, image_dim, log_visual_norm, inverse_temperature_t2i, epsilon, weights
         )
         numerator = torch.sum(torch.mul(alpha, cosine, out=scratch), image_dim, keepdim=True)  # t_j . V_tj / ||t_j||
         inverse_context = quadratic_t2i(alpha, scratch).clamp_(min=epsilon * epsilon).rsqrt_()  # 1 / max(||V_tj||, eps)
@@ -1619,7 +1599,6 @@ def fast_cross_attention_similarity(
     sorted_i2t = _text_major_results(num_texts, num_images, empty, text, image_to_text)  # [texts, images]
     sorted_t2i = _text_major_results(num_texts, num_images, empty, text, text_to_image)
     lambdas = (inverse_temperature_i2t if image_to_text else None, inverse_temperature_t2i if text_to_image else None)
-    visual_floor = _needs_floor(lambdas[1], log_visual)
     local = _threading.local()
 
     def prepare_block(block: tuple[int, int, int]) -> tuple:
@@ -1627,7 +1606,6 @@ def fast_cross_attention_similarity(
         t = stop - start
         mask, phrases = _pack_valid(text_mask, order[start:stop], n, text)
         phrase_unit, log_text, text_gram = _phrase_side(phrases)
-        floors = (_needs_floor(lambdas[0], log_text), visual_floor)
         # Tiles are laid out [a, m, n, t], captions innermost: with a handful of phrases per
         # caption, an innermost phrase axis would make every broadcast and reduction a loop of
         # ~6 elements.
@@ -1636,14 +1614,13 @@ def fast_cross_attention_similarity(
             log_text.t().reshape(1, 1, n, t),
             text_gram.permute(1, 2, 0).contiguous(),  # [n, n, t]
             mask.sum(1).clamp(min=1.0).reciprocal().view(1, 1, 1, t),
-            floors,
         )
 
     def score_item(item: tuple) -> None:
         block, first, last, image_block = item
         start, stop, n = block
         t = stop - start
-        phrase_unit, log_text, text_gram, inverse_text_count, floors = _per_thread(local, block, prepare_block)
+        phrase_unit, log_text, text_gram, inverse_text_count = _per_thread(local, block, prepare_block)
         buffers = getattr(local, "buffers", None)
         if buffers is None:
             buffers = local.buffers = _Buffers(text)
@@ -1667,7 +1644,7 @@ def fast_cross_attention_similarity(
 
             s_i2t, s_t2i = _cross_attention_pair_scores(
                 cosine, 1, 2, log_visual[a_start:a_stop].view(a, m, 1, 1), log_text, inverse_text_count,
-                quadratic_i2t, quadratic_t2i, *lambdas, floors, epsilon, buffers,
+                quadratic_i2t, quadratic_t2i, *lambdas, epsilon, buffers,
             )
             if s_i2t is not None:
                 sorted_i2t[start:stop, a_start:a_stop] = s_i2t.view(a, t).t()
@@ -1712,7 +1689,6 @@ def fast_candidate_cross_attention_similarity(
     sorted_i2t = _text_major_results(num_texts, k, empty, text, image_to_text)
     sorted_t2i = _text_major_results(num_texts, k, empty, text, text_to_image)
     lambdas = (inverse_temperature_i2t if image_to_text else None, inverse_temperature_t2i if text_to_image else None)
-    visual_floor = _needs_floor(lambdas[1], log_visual)
     local = _threading.local()
 
     def score_block(block: tuple[int, int, int]) -> None:
@@ -1721,7 +1697,6 @@ def fast_candidate_cross_attention_similarity(
         t = rows.numel()
         mask, phrases = _pack_valid(text_mask, rows, n, text)
         phrase_unit, log_text, text_gram = _phrase_side(phrases)
-        floors = (_needs_floor(lambdas[0], log_text), visual_floor)
         picked = candidates[rows]  # [t, K]
         buffers = getattr(local, "buffers", None)
         if buffers is None:
@@ -1742,7 +1717,7 @@ def fast_candidate_cross_attention_similarity(
         s_i2t, s_t2i = _cross_attention_pair_scores(
             cosine, 2, 3, _gather(log_visual, picked).view(t, k, m, 1), log_text.view(t, 1, 1, n),
             mask.sum(1).clamp(min=1.0).reciprocal().view(t, 1, 1, 1), quadratic_i2t, quadratic_t2i,
-            *lambdas, floors, epsilon, buffers,
+            *lambdas, epsilon, buffers,
         )
         if s_i2t is not None:
             sorted_i2t[start:stop] = s_i2t.view(t, k)

@@ -18,7 +18,9 @@ makes the cosines mostly positive, as pretrained features are):
   taken under the same load). Rates: ``torch.matmul`` (MKL here), oneDNN (what the kernel calls),
   oneDNN on ``workers`` threads of one intra-op thread each (how the kernel runs), bf16
   ``torch.matmul``; the bound uses the fastest float32 one;
-* **kernel**: the evaluation kernel on the projected features, all captions, in segments;
+* **kernel**: the evaluation kernel on the projected features, all captions, in ``--segments``
+  ranges timed ``--repeats`` times each (medians of the times and of the rates measured just
+  before each);
 * **method**: ``method.similarity`` (global + local, the default ``test_similarity``) in chunks of
   256 captions, as ``tbps.evaluation.score_features`` calls it (projections included), and
   ``method.score_candidates`` on each caption's global top-128 (the two-stage route);
@@ -39,6 +41,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -264,26 +267,36 @@ def pair_arithmetic(counts: torch.Tensor, num_images: int, m: int, dim: int, pro
 
 def run_kernel_segments(
     prepare: Callable[[slice], Any], score: Callable[[Any], tuple], num_texts: int, flops_of: Callable[[slice], float],
-    segments: int, device: torch.device, rows: int, dim: int, workers: int,
+    segments: int, repeats: int, device: torch.device, rows: int, dim: int, workers: int,
 ) -> tuple[list[tuple], dict]:
-    """Time ``score(prepare(part))`` over ``segments`` caption ranges (``prepare`` untimed), a
-    matmul-rate measurement right before each."""
+    """Time ``score(prepare(part))`` over ``segments`` caption ranges (``prepare`` untimed),
+    ``repeats`` times each, every timing right after a matmul-rate measurement; a segment's
+    time and rates are the medians of its repeats."""
     results, records = [], []
     edges = [round(i * num_texts / segments) for i in range(segments + 1)]
     for start, stop in zip(edges[:-1], edges[1:]):
         part = slice(start, stop)
         prepared = prepare(part)
-        rates = matmul_rates(rows, dim, device, workers)
-        result, seconds, load_after = timed(lambda: score(prepared), device)
+        runs = []
+        for _ in range(repeats):
+            rates = matmul_rates(rows, dim, device, workers)
+            result, seconds, load_after = timed(lambda: score(prepared), device)
+            runs.append({"seconds": round(seconds, 3), "load_after": load_after, "rates": rates})
         del prepared
         flops = flops_of(part)
+        seconds = statistics.median(run["seconds"] for run in runs)
+        best = statistics.median(run["rates"]["best_fp32"] for run in runs)
+        plain = statistics.median(run["rates"]["torch_matmul_fp32"] for run in runs)
         records.append({
-            "texts": stop - start, "seconds": round(seconds, 3), "load_after": load_after, "flops": flops, "rates": rates,
-            "bound_seconds": round(flops / (rates["best_fp32"] * 1e9), 3),
-            "bound_seconds_torch_matmul": round(flops / (rates["torch_matmul_fp32"] * 1e9), 3),
+            "texts": stop - start, "flops": flops, "seconds": seconds, "best_fp32": best, "torch_matmul_fp32": plain,
+            "bound_seconds": round(flops / (best * 1e9), 3), "bound_seconds_torch_matmul": round(flops / (plain * 1e9), 3),
+            "runs": runs,
         })
         results.append(result)
-        print(f"  segment {start}-{stop}: {seconds:.1f} s (load {load_after}), bound {records[-1]['bound_seconds']:.1f} s", flush=True)
+        print(
+            f"  segment {start}-{stop}: {seconds:.2f} s (median of {repeats}; loads {[r['load_after'] for r in runs]}), "
+            f"bound {records[-1]['bound_seconds']:.2f} s ({best:.0f} GFLOP/s)", flush=True,
+        )
     total = sum(r["seconds"] for r in records)
     bound = sum(r["bound_seconds"] for r in records)
     bound_mkl = sum(r["bound_seconds_torch_matmul"] for r in records)
@@ -347,7 +360,7 @@ def bench_nafs(args: argparse.Namespace, device: torch.device, workers: int) -> 
             return pair_arithmetic(counts[part], args.images, m, dim, 2)["flops_total"]
 
         parts, report["kernel"] = run_kernel_segments(
-            project, kernel, args.texts, flops_of, args.segments, device, args.images * m, dim, workers
+            project, kernel, args.texts, flops_of, args.segments, args.repeats, device, args.images * m, dim, workers
         )
         report["projection"] = {"seconds": round(sum(projection_seconds), 2), "note": "gallery once per segment + valid caption features"}
         s_i2t = torch.cat([p[0] for p in parts], 1)
@@ -451,7 +464,7 @@ def bench_acsa(args: argparse.Namespace, device: torch.device, workers: int) -> 
             return pair_arithmetic(counts[part], args.images, m, dim, 1)["flops_total"]
 
         parts, report["kernel"] = run_kernel_segments(
-            prepare, kernel, args.texts, flops_of, args.segments, device, args.images * m, dim, workers
+            prepare, kernel, args.texts, flops_of, args.segments, args.repeats, device, args.images * m, dim, workers
         )
         s_i2t = torch.cat([p[0] for p in parts], 1)
         s_t2i = torch.cat([p[1] for p in parts], 1)
@@ -512,6 +525,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=CUHK_IMAGES)
     parser.add_argument("--texts", type=int, default=CUHK_CAPTIONS)
     parser.add_argument("--segments", type=int, default=4, help="timed caption ranges, a matmul-rate measurement before each")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per segment (the median counts)")
     parser.add_argument("--check-rows", type=int, default=48, help="captions checked against the reference at full gallery size")
     parser.add_argument("--top-k", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)

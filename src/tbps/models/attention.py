@@ -814,18 +814,20 @@ __all__ += ["candidate_cross_attention_similarity", "cross_attention_scores", "c
 # * captions are sorted by their number of valid features and tiled in that order with their
 #   valid features packed first, so padding (a 100-token word slot range, 8 sub-sentence
 #   slots) is never multiplied; padding is zero, which makes it drop out of every sum below;
-# * softmax normalisation is skipped: the cosine of eq. 4 (NAFS) and eq. 5 / eq. 10 (ACSA) is
-#   unchanged when a query's weights are all multiplied by one positive number, so
-#   ``exp(logit - c)`` with ``c`` the query's largest logit gives the softmax's relevance
-#   (NAFS finds ``c`` from the largest normalised cosine, since ``[s - mu]_+ s`` grows with
-#   ``s``). The largest weight is 1, so eq. 4's ``max(., eps)`` acts where it did (the sum of
-#   weights is 1 to n instead of 1: only a context norm under 1e-8 can tell). Exponents below
-#   -40 are raised to -40 (weights under e^-40 = 4e-18 of the largest, far below float32
-#   resolution) because ``exp`` of very negative arguments is ten times slower on CPUs;
+# * NAFS skips the softmax normalisation: eq. 4's cosine is unchanged when a query's weights
+#   are all multiplied by one positive number, so ``exp(logit - c)`` with ``c`` the query's
+#   largest logit gives the softmax's relevance; ``c`` comes from the largest normalised
+#   cosine (``[s - mu]_+ s`` grows with ``s``), not from a pass over the logits. The largest
+#   weight is 1, so eq. 4's ``max(., eps)`` acts where it did (the weights sum to 1..n instead
+#   of 1: only a context norm under 1e-8 can tell). Exponents below -40 are raised to -40
+#   (weights under e^-40 = 4e-18 of the largest, far below float32 resolution) because ``exp``
+#   of very negative arguments is ten times slower on CPUs;
 # * ACSA folds each attended vector's norm into its weight (``log ||u||`` added to the
-#   exponent), so numerators and context norms use the unit vectors' cosines and Gram matrices
-#   directly, and padded phrases (norm 0) get weight exactly 0; its tiles are laid out
-#   ``[a, m, n, t]`` (captions innermost: ~6 phrases would make every inner loop 6 long);
+#   softmax's input: the weights become ``alpha ||u||`` up to one factor per query), so
+#   numerators and context norms use the unit vectors' cosines and Gram matrices directly, and
+#   padded phrases (norm 0) get weight exactly 0; its tiles are laid out ``[a, m, n, t]``
+#   (captions innermost: ~6 phrases would make every inner loop 6 long), so both softmaxes run
+#   along a non-innermost axis, where PyTorch's fused softmax is fast;
 # * NAFS folds lambda and the count scaling into the normalised cosine:
 #   ``lambda f [K (s^ - mean s^)]_+ s^ = [s' - mean s']_+ s'`` with ``s' = sqrt(lambda f K) s^``;
 # * every intermediate lives in per-worker buffers reused from tile to tile, ops write in

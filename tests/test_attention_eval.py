@@ -278,3 +278,25 @@ def test_kernels_follow_a_gallery_changed_in_place():
     fresh = fast_cross_attention_similarity(visual.clone(), text, mask, 20.0, 20.0)
     assert not torch.allclose(after[0], before[0])
     assert all(torch.equal(a, b) for a, b in zip(after, fresh))
+
+
+def test_kernels_compute_in_float32_inside_autocast():
+    """A bf16-mixed validation loop runs under autocast; the kernels keep float32."""
+    q, v, q_mask, k, u, k_mask = non_local_inputs(seed=7)
+    visual, text, mask = acsa_inputs(seed=7)
+    plain = (
+        fast_bidirectional_non_local_similarity(q, v, q_mask, k, u, k_mask, 4.0, 4.0),
+        fast_candidate_bidirectional_non_local_similarity(q, v, k, u, k_mask, torch.tensor([[0, 1]] * 6), 4.0, 4.0),
+        fast_cross_attention_similarity(visual, text, mask, 20.0, 20.0),
+        fast_candidate_cross_attention_similarity(visual, text, mask, torch.tensor([[0, 1]] * 7), 20.0, 20.0),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = (
+            fast_bidirectional_non_local_similarity(q, v, q_mask, k, u, k_mask, 4.0, 4.0),
+            fast_candidate_bidirectional_non_local_similarity(q, v, k, u, k_mask, torch.tensor([[0, 1]] * 6), 4.0, 4.0),
+            fast_cross_attention_similarity(visual, text, mask, 20.0, 20.0),
+            fast_candidate_cross_attention_similarity(visual, text, mask, torch.tensor([[0, 1]] * 7), 20.0, 20.0),
+        )
+    for reference, result in zip(plain, mixed):
+        for a, b in zip(reference, result):
+            assert b.dtype == torch.float32 and torch.equal(a, b)

@@ -885,12 +885,15 @@ def _refuse_autograd(name: str, *tensors: Tensor | None) -> None:
 
 def _evaluation_kernel(function: Callable) -> Callable:
     """Refuse inputs that autograd would track (a silently missing gradient is worse than an
-    error), then run ``function`` under ``torch.no_grad()``."""
+    error), then run ``function`` under ``torch.no_grad()`` with autocast off: the kernels
+    compute in float32 (float64 inputs stay float64) also inside a bf16-mixed validation loop,
+    where autocast would otherwise run their products in bf16 (see the section comment)."""
 
     @_functools.wraps(function)
     def kernel(*args, **kwargs):
-        _refuse_autograd(function.__name__, *(x for x in (*args, *kwargs.values()) if isinstance(x, Tensor)))
-        with torch.no_grad():
+        tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, Tensor)]
+        _refuse_autograd(function.__name__, *tensors)
+        with torch.no_grad(), torch.autocast(tensors[0].device.type, enabled=False):
             return function(*args, **kwargs)
 
     return kernel
@@ -919,7 +922,7 @@ def linear_for_evaluation(
     single = isinstance(layers, nn.Linear)
     layers = (layers,) if single else tuple(layers)
     _refuse_autograd("linear_for_evaluation", features, *(layer.weight for layer in layers))
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(features.device.type, enabled=False):
         rows = features.reshape(-1, features.shape[-1])
         index = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
         picked = rows if index is None else rows.index_select(0, index)

@@ -22,7 +22,6 @@ hashes, so it is never searched with other weights than it was built with.
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import re
 from collections import Counter, OrderedDict
@@ -33,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from tbps.models.backbones.common import hugging_face_model_type
 from tbps.models.base import PersonSearchMethod
 from tbps.models.registry import create_method, get_method_class
 from tbps.utils import atomic_write, sha256_file
@@ -271,14 +271,13 @@ def _is_openai_clip_state(contents: Any) -> bool:
 
 
 def _check_clip_folder(path: Path, option: str) -> None:
-    config_file = path / "config.json"
-    if not config_file.is_file():
+    try:
+        model_type = hugging_face_model_type(path)
+    except FileNotFoundError:
         raise CheckpointError(
             f"{option} {str(path)!r} is a folder but not a Hugging Face CLIP model folder (it has no config.json); {_SOURCE_HELP}"
-        )
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (ValueError, AttributeError, OSError) as error:
+        ) from None
+    except (ValueError, OSError) as error:
         raise CheckpointError(f"{option} {str(path)!r}: config.json is not a model config ({error})") from None
     if model_type != "clip":
         raise CheckpointError(

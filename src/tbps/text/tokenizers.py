@@ -69,6 +69,27 @@ def _looks_like_path(model_path: str | Path) -> bool:
     return isinstance(model_path, Path) or text.startswith((".", "~", os.sep)) or text.count("/") > 1
 
 
+def encode_captions(tokenizer: Any, captions: Sequence[str] | str, max_length: int, pad_to_longest: bool) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` [B x L] and character ``offsets`` [B x L x 2] from a fast
+    Hugging Face tokenizer: padded to ``max_length`` (or the batch's longest), longer captions
+    truncated (the tokenizer's post-processor keeps its closing special token)."""
+    batch = [captions] if isinstance(captions, str) else list(captions)
+    encoded = tokenizer(
+        batch,
+        padding="longest" if pad_to_longest else "max_length",
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=True,
+        return_token_type_ids=False,
+        return_tensors="pt",
+    )
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "offsets": encoded["offset_mapping"],
+    }
+
+
 class WordPieceTokenizer:
     """Batch tokeniser for BERT-family models, loaded from local files only (never from a hub)."""
 
@@ -143,21 +164,7 @@ class WordPieceTokenizer:
         and longer ones truncated. ``offsets`` are character
         spans into each caption; special and padding tokens have (0, 0).
         """
-        batch = [captions] if isinstance(captions, str) else list(captions)
-        encoded = self._tokenizer(
-            batch,
-            padding="longest" if self.pad_to_longest else "max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_offsets_mapping=True,
-            return_token_type_ids=False,
-            return_tensors="pt",
-        )
-        return {
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "offsets": encoded["offset_mapping"],
-        }
+        return encode_captions(self._tokenizer, captions, self.max_length, self.pad_to_longest)
 
     def tokenize_with_spans(self, caption: str) -> tuple[list[str], list[tuple[int, int]]]:
         """WordPiece tokens of the whole caption (no special tokens, no truncation) and their character spans."""

@@ -70,9 +70,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tbps.models.backbones.common import BackboneWeightsError, load_state_dict_file
+from tbps.models.backbones.common import BackboneWeightsError, hugging_face_model_type, load_state_dict_file
 from tbps.models.backbones.image import ImageBackbone, ImageBackboneOutput, StageInfo
 from tbps.models.backbones.text import TextBackbone, TextBackboneOutput, TextProcessor
+from tbps.text.tokenizers import encode_captions
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +116,13 @@ def resolve_clip_source(weights: str | Path | None, section: str) -> ClipSource:
             f"(e.g. clip-vit-base-patch16) or OpenAI's checkpoint file (e.g. ViT-B-16.pt)"
         )
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
+        try:
+            model_type = hugging_face_model_type(path)
+        except FileNotFoundError:
             raise NotClipModelError(
                 f"{option}={str(path)!r} is a folder without config.json, not a Hugging Face CLIP model folder"
-            )
-        try:
-            model_type = json.loads(config_file.read_text()).get("model_type")
-        except (ValueError, AttributeError) as error:
+            ) from None
+        except ValueError as error:
             raise NotClipModelError(f"{option}={str(path)!r}: config.json is not a model config ({error})") from None
         if model_type != "clip":
             raise NotClipModelError(
@@ -697,20 +697,7 @@ class ClipTokenizer:
         return int(self._tokenizer.convert_tokens_to_ids(END_OF_TEXT))
 
     def __call__(self, captions: Sequence[str] | str) -> dict[str, Tensor]:
-        batch = [captions] if isinstance(captions, str) else list(captions)
-        encoded = self._tokenizer(
-            batch,
-            padding="longest" if self.pad_to_longest else "max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_offsets_mapping=True,
-            return_tensors="pt",
-        )
-        return {
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "offsets": encoded["offset_mapping"],
-        }
+        return encode_captions(self._tokenizer, captions, self.max_length, self.pad_to_longest)
 
     def decode(self, input_ids: Sequence[int] | Tensor) -> str:
         ids = input_ids.tolist() if isinstance(input_ids, Tensor) else list(input_ids)

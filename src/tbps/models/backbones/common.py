@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -50,3 +51,18 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     return state
+
+
+def hugging_face_model_type(folder: Path) -> Any:
+    """The ``model_type`` a Hugging Face model folder's ``config.json`` declares (None when absent).
+
+    Raises FileNotFoundError when the folder has no ``config.json``, and ValueError when that file
+    is not a JSON object; callers turn both into their own message naming the option to set.
+    """
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json")
+    config = json.loads(config_file.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json holds a {type(config).__name__}, not an object")
+    return config.get("model_type")

@@ -13,7 +13,8 @@ first two stages frozen at 128x48 with last stride 1 (final map 8x3: see bench_r
 why this setting), MiniLM with its first three layers frozen (the Bi-LSTM runs: trained from
 scratch), batch 64, 6 epochs of 53 steps (an epoch is a pass over the 3,443 training captions
 with either sampler, so ISANet's identity sampler gets the same 318 steps). A run whose
-``report.json`` already exists is not trained again (``--adopt NAME=RUN_DIR`` copies in a run
+``report.json`` already exists is not trained again, and one with only a ``last.ckpt`` (stopped
+part-way) resumes from it (``--adopt NAME=RUN_DIR`` copies in a run
 trained elsewhere with the same settings, e.g. the demo's baseline).
 
 For each best-on-val checkpoint the test split is encoded once (timed) and scored by:
@@ -140,7 +141,13 @@ def train_run(name: str, seed: int, data: Path, out: Path, extra: list[str]) -> 
     if not (run_dir / "report.json").is_file():
         config = load_config(config_name, [*COMMON, *overrides, f"seed={seed}", f"data.root={data}",
                                            f"trainer.output_dir={out / 'runs'}", f"trainer.run_name={key}", *extra])
-        train(config)
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():
+            # A run stopped part-way (a session ended, a kill) continues from its last epoch's
+            # checkpoint; train() refuses it if the settings asked for now differ from the run's.
+            print(f"{key}: resuming {run_dir}", flush=True)
+            train(config, resume=run_dir)
+        else:
+            train(config)
     return json.loads((run_dir / "report.json").read_text())
 
 

@@ -188,9 +188,15 @@ def test_a_crashing_validation_keeps_the_trained_epoch(tiny_synthetic: Path, tmp
     run_dir = tmp_path / "runs" / "v"
     checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # written before validation
     assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 3
-    assert checkpoint["callbacks"]["EpochCheckpoints"] == {"stage": "before_validation", "epoch": 0}
+    state = checkpoint["callbacks"]["EpochCheckpoints"]
+    assert {key: state[key] for key in ("stage", "epoch")} == {"stage": "before_validation", "epoch": 0}
+    assert state["train_seconds"] > 0
     assert not (run_dir / "checkpoints" / "best.ckpt").exists()
     assert epochs_with(read_history(run_dir / "logs" / "metrics.csv"), "train/loss_step") == {0}
+    # The report's train_seconds covers every part of a resumed run: pretend the first part took
+    # 1,000 s (a long run stopped by the end of a session).
+    state["train_seconds"] = 1000.0
+    torch.save(checkpoint, run_dir / "checkpoints" / "last.ckpt")
 
     with caplog.at_level(logging.WARNING, logger="tbps.engine.train"):
         result = train(None, resume=run_dir)
@@ -200,6 +206,7 @@ def test_a_crashing_validation_keeps_the_trained_epoch(tiny_synthetic: Path, tmp
     assert epochs_with(history, "train/loss_step") == {0, 1}
     assert epochs_with(history, "val/R1") == {1}
     assert result.report["checkpoints"]["best"]["epoch"] == 2
+    assert 1000.0 < result.report["train_seconds"] < 1000.0 + 600
 
 
 def test_missing_val_and_test_images_fail_before_training(tiny_synthetic: Path, tmp_path: Path, tiny_config) -> None:

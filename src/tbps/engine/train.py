@@ -386,7 +386,9 @@ class EpochCheckpoints(L.Callback):
     ``ModelCheckpoint(save_on_train_epoch_end=True)`` would still save after validation; the
     pre-validation save is ``on_validation_start``. A run resumed from it continues with the next
     epoch (Lightning does not rerun the interrupted validation): the callback's state records
-    which save a checkpoint is, and the resumed run says so.
+    which save a checkpoint is, and the resumed run says so. It also records the training seconds
+    the checkpoint embodies, so a run resumed any number of times reports its whole training time
+    (the work lost between a checkpoint and a kill is not counted).
     """
 
     BEFORE_VALIDATION = "before_validation"
@@ -397,6 +399,14 @@ class EpochCheckpoints(L.Callback):
         self.stage = ""
         self.epoch = -1
         self.resumed_from: dict[str, Any] = {}
+        self.seconds_before = 0.0  # training seconds of the runs this one resumes
+        self._started: float | None = None
+
+    @property
+    def train_seconds(self) -> float:
+        """Training seconds up to now, over every resume."""
+        now = 0.0 if self._started is None else time.perf_counter() - self._started
+        return self.seconds_before + now
 
     def _save(self, trainer: L.Trainer, stage: str) -> None:
         self.stage, self.epoch = stage, int(trainer.current_epoch)
@@ -419,6 +429,7 @@ class EpochCheckpoints(L.Callback):
             logger.save()
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
         if self.resumed_from.get("stage") == self.BEFORE_VALIDATION:
             epoch = int(self.resumed_from.get("epoch", trainer.current_epoch - 1)) + 1
             log.warning(
@@ -428,10 +439,11 @@ class EpochCheckpoints(L.Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "epoch": self.epoch}
+        return {"stage": self.stage, "epoch": self.epoch, "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.resumed_from = dict(state_dict)
+        self.seconds_before = float(state_dict.get("train_seconds", 0.0))
 
 
 class HistoryWriter(ExperimentWriter):
@@ -594,9 +606,8 @@ def train(
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
-    train_seconds = time.perf_counter() - started
+    train_seconds = every_epoch.train_seconds  # over every resume of this run
     run_dir = shared_run_dir.run_dir
     checkpoint_dir = run_dir / "checkpoints"
 

@@ -262,6 +262,43 @@ def test_evaluation_cache_reuses_only_the_same_unmodified_tensors():
     assert len(computed) == 4
 
 
+def test_evaluation_cache_takes_inference_tensors_and_sees_their_changes():
+    """Features encoded under torch.inference_mode have no version counter (reading it raised
+    "Inference tensors do not track version counter" in ACSA's evaluation); the cache keeps a copy
+    of such inputs and compares."""
+    from tbps.models.attention import EvaluationCache
+
+    cache, computed = EvaluationCache(), []
+
+    def derive(x):
+        computed.append(1)
+        return x * 2
+
+    with torch.inference_mode():
+        gallery = torch.ones(4, 3)
+    view = gallery[1:]
+    first = cache.get((view, None), "a", lambda: derive(view))
+    assert cache.get((view, None), "a", lambda: derive(view)) is first and len(computed) == 1
+    with torch.inference_mode():
+        gallery[2].add_(1)  # in place, inside inference mode: no version counter moves
+    assert torch.equal(cache.get((view, None), "a", lambda: derive(view))[1], torch.full((3,), 4.0))
+    assert len(computed) == 2
+    # The kernels on inference tensors, outside and inside inference mode, equal ordinary tensors'.
+    visual, text, mask = acsa_inputs(seed=7)
+    expected = fast_cross_attention_similarity(visual, text, mask, 20.0, 20.0)
+    with torch.inference_mode():
+        visual_i, text_i, mask_i = visual.clone(), text.clone(), mask.clone()
+        inside = fast_cross_attention_similarity(visual_i, text_i, mask_i, 20.0, 20.0)
+    outside = fast_cross_attention_similarity(visual_i, text_i, mask_i, 20.0, 20.0)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(expected, inside, outside))
+    q, v, q_mask, k, u, k_mask = non_local_inputs(seed=8)
+    expected = fast_bidirectional_non_local_similarity(q, v, None, k, u, k_mask, 4.0, 4.0)
+    with torch.inference_mode():
+        q_i, v_i, k_i, u_i, k_mask_i = (x.clone() for x in (q, v, k, u, k_mask))
+        inside = fast_bidirectional_non_local_similarity(q_i, v_i, None, k_i, u_i, k_mask_i, 4.0, 4.0)
+    assert all(torch.equal(a, b) for a, b in zip(expected, inside))
+
+
 def test_kernels_follow_a_gallery_changed_in_place():
     q, v, q_mask, k, u, k_mask = non_local_inputs(seed=5)
     before = fast_bidirectional_non_local_similarity(q, v, None, k, u, k_mask, 4.0, 4.0)

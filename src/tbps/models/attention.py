@@ -944,14 +944,17 @@ class EvaluationCache:
     The evaluator scores every chunk of captions against one gallery; the gallery side of the
     kernels (unit vectors, Gram matrices, projections) is computed once and reused while the
     inputs are the *same tensors* (the same objects, or the same views of the same base tensor)
-    with the same version counters (in-place changes bump them). Tensors are held through weak
-    references, so a dead gallery never matches (its memory can't be mistaken for a new
-    tensor's); the ``size`` latest entries are kept.
+    unchanged: with the same version counters (in-place changes bump them) or, for inference
+    tensors (made under ``torch.inference_mode``, which have no version counter), equal to a copy
+    kept with the entry (one comparison pass, exact). Tensors are held through weak references,
+    so a dead gallery never matches (its memory can't be mistaken for a new tensor's); the
+    ``size`` latest entries are kept.
     """
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
-        self._entries: list[tuple[tuple, tuple, Any]] = []  # (references, signature, value), latest first
+        # (references, signature, snapshots of the inference inputs, value), latest first
+        self._entries: list[tuple[tuple, tuple, tuple, Any]] = []
         self._lock = _threading.Lock()
 
     @staticmethod
@@ -960,23 +963,30 @@ class EvaluationCache:
             return None, (None,)
         base = tensor if tensor._base is None else tensor._base
         geometry = (tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
-        return base, (base._version, geometry)
+        # An inference tensor's ._version raises ("Inference tensors do not track version counter").
+        version = "inference" if base.is_inference() else base._version
+        return base, (version, geometry)
+
+    @staticmethod
+    def _unchanged(inputs: tuple[Tensor | None, ...], snapshots: tuple[Tensor | None, ...]) -> bool:
+        return all(kept is None or torch.equal(tensor, kept) for tensor, kept in zip(inputs, snapshots))
 
     def get(self, inputs: tuple[Tensor | None, ...], extra: Any, compute: Callable[[], Any]) -> Any:
         described = [self._describe(t) for t in inputs]
         bases = tuple(base for base, _ in described)
         signature = (tuple(part for _, part in described), extra)
         with self._lock:
-            for index, (references, cached_signature, value) in enumerate(self._entries):
+            for index, (references, cached_signature, snapshots, value) in enumerate(self._entries):
                 if cached_signature == signature and all(
                     (r is None and b is None) or (r is not None and r() is b) for r, b in zip(references, bases)
-                ):
+                ) and self._unchanged(inputs, snapshots):
                     self._entries.insert(0, self._entries.pop(index))
                     return value
         value = compute()
         references = tuple(None if b is None else _weakref.ref(b) for b in bases)
+        snapshots = tuple(t.clone() if t is not None and t.is_inference() else None for t in inputs)
         with self._lock:
-            self._entries = [(references, signature, value)] + [
+            self._entries = [(references, signature, snapshots, value)] + [
                 entry for entry in self._entries[: self.size - 1] if all(r is None or r() is not None for r in entry[0])
             ]
         return value

@@ -1043,13 +1043,18 @@ def _parallel_map(function: Callable, items: list, workers: int) -> None:
             function(item)
         return
     previous = torch.get_num_threads()
+    # Grad and inference modes are thread-local: the workers take the caller's, or results
+    # allocated under inference mode could not be written from a worker (in-place update to an
+    # inference tensor outside InferenceMode).
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def run(item) -> None:
         # Per thread: OpenMP's thread count is a per-thread setting (torch restores the
         # process default below, which new threads copy).
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
-        function(item)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            function(item)
 
     try:
         with _ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:

@@ -74,6 +74,7 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import statistics
 import string
 import subprocess
@@ -239,13 +240,21 @@ def random_init_overrides(name: str, assets: Mapping[str, str]) -> list[str]:
     return overrides
 
 
-def load_paper_config(name: str, assets: Mapping[str, str], data_root: str | Path | None = None) -> dict[str, Any]:
-    """``name`` resolved, with :func:`random_init_overrides` (and the synthetic data's root)."""
+def machine_memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def load_paper_config(name: str, assets: Mapping[str, str], data_root: str | Path | None = None,
+                      batch_size: int | None = None) -> dict[str, Any]:
+    """``name`` resolved, with :func:`random_init_overrides` (and the synthetic data's root; a
+    training batch other than the config's, ``--batch-size``, where the paper's does not fit)."""
     from tbps.config import load_config, to_container
 
     overrides = random_init_overrides(name, assets) + ["data.num_workers=0"]
     if data_root is not None:
         overrides.append(f"data.root={data_root}")
+    if batch_size is not None:
+        overrides.append(f"data.batch_size={int(batch_size)}")
     return to_container(load_config(name, overrides))
 
 
@@ -623,11 +632,12 @@ def run_config(spec: Mapping[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     result: dict[str, Any] = {"config": spec["config"], "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
-    config = load_paper_config(spec["config"], spec["assets"], spec["data_root"])
+    config = load_paper_config(spec["config"], spec["assets"], spec["data_root"], spec.get("batch_size"))
     num_classes = paper_num_classes(config)
     epoch = max(0, int(config["trainer"]["max_epochs"]) - 1)
     result.update({"method": config["method"], "dataset": config["data"]["dataset"],
                    "image_size": list(config["data"]["image_size"]), "batch_size": int(config["data"]["batch_size"]),
+                   "paper_batch_size": int(load_paper_config(spec["config"], spec["assets"])["data"]["batch_size"]),
                    "image_backbone": config["model"]["image_backbone"]["name"],
                    "text_backbone": config["model"]["text_backbone"]["name"], "num_classes": num_classes,
                    "epoch": epoch, "config_precision": config["trainer"]["precision"]})
@@ -803,6 +813,18 @@ def _score_cell(entry: Mapping[str, Any] | None) -> str:
     return f"~{text}" if entry.get("extrapolated") else text
 
 
+def merge_results(payloads: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One payload of several runs' configs, in first-seen order; a later run's entry replaces an
+    earlier one of the same config only where the earlier failed (a rerun at a smaller batch)."""
+    entries: dict[str, Mapping[str, Any]] = {}
+    for payload in payloads:
+        for entry in payload.get("configs", []):
+            name = entry.get("config")
+            if name not in entries or ("error" in entries[name] and "error" not in entry):
+                entries[name] = entry
+    return {"configs": list(entries.values())}
+
+
 def table(payload: Mapping[str, Any]) -> str:
     """The results as markdown: one row per config; ``~`` marks an extrapolated scoring time."""
     lines = ["| config | same model as | input, batch | params M | train step s | train img/s | peak MiB | "
@@ -820,8 +842,11 @@ def table(payload: Mapping[str, Any]) -> str:
         score = entry.get("score") or {}
         peak = max((entry.get("peak_memory_mb") or {0: 0}).values())
         size = "x".join(str(v) for v in entry.get("image_size", []))
+        batch = entry.get("batch_size")
+        if entry.get("paper_batch_size", batch) != batch:
+            batch = f"{batch} (paper {entry['paper_batch_size']})"
         lines.append(
-            f"| {name} | {same} | {size}, {entry.get('batch_size')} | {entry.get('parameters_million')} | "
+            f"| {name} | {same} | {size}, {batch} | {entry.get('parameters_million')} | "
             f"{train.get('step_seconds', '–')} | {train.get('images_per_second', '–')} | {peak} | "
             f"{encode.get('images_per_second', '–')} | {encode.get('captions_per_second', '–')} | "
             f"{_fmt(encode.get('test_split_seconds'))} | {_score_cell(score.get('method'))} | "
@@ -859,6 +884,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="seconds a scoring measurement may take before it is extrapolated from fewer queries")
     parser.add_argument("--score-budget-for", nargs="+", default=[], metavar="CONFIG=SECONDS",
                         help="another --score-budget for these configs (e.g. nafs/cuhk-pedes=40)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="training batch instead of each config's (for a config whose batch does not fit this machine)")
     parser.add_argument("--identities", type=int, default=100,
                         help="synthetic identities rendered per input size (about 10 captions each)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -870,12 +897,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results JSON (written after every config)")
     parser.add_argument("--dry-run", action="store_true",
                         help="resolve configs and overrides, print the plan, build and run nothing")
-    parser.add_argument("--table", type=Path, default=None, help="print the markdown table of a results JSON and exit")
+    parser.add_argument("--table", type=Path, nargs="+", default=None,
+                        help="print the markdown table of results JSONs (one table; a config measured in a later "
+                             "file replaces its failed entry of an earlier one) and exit")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.table is not None:
-        print(table(json.loads(args.table.read_text())))
+        print(table(merge_results([json.loads(path.read_text()) for path in args.table])))
         return 0
     if args.child is not None:
         spec = json.loads(args.child.read_text())
@@ -910,7 +939,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "image_batch": args.image_batch or (None if on_gpu else 8),
                 "caption_batch": args.caption_batch or (None if on_gpu else 16),
                 "routes": args.routes, "score_budget": args.score_budget, "score_budget_for": budgets,
-                "in_process": args.in_process, "identities": args.identities, "threads": args.threads}
+                "in_process": args.in_process, "identities": args.identities, "threads": args.threads,
+                "batch_size": args.batch_size}
     if args.dry_run:
         assets = {"bert": "<work>/assets/bert-base-uncased", "clip_tokenizer": "<work>/assets/clip/tokenizer"}
         print(json.dumps(settings))
@@ -959,7 +989,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 entry = json.loads(Path(spec["result"]).read_text())
             else:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-                reason = f"timed out after {args.config_timeout} s" if code is None else f"exit code {code}"
+                if code is None:
+                    reason = f"timed out after {args.config_timeout} s"
+                elif code == -signal.SIGKILL:
+                    # What SIGKILLs a child nobody signalled is the kernel's out-of-memory killer.
+                    reason = (f"killed (SIGKILL; on a machine of {machine_memory_gib():.0f} GiB, the out-of-memory killer): "
+                              "try a smaller --batch-size")
+                else:
+                    reason = f"exit code {code}"
                 entry = {"config": name, "error": reason + "\n" + "\n".join(tail)}
         entry["same_model_as"] = groups[name]
         entry["wall_seconds"] = round(time.perf_counter() - begin, 1)

@@ -107,6 +107,27 @@ def test_tiled_features_keep_shapes_and_masks_and_differ_row_to_row() -> None:
     assert torch.allclose(tiled["global"][3], features["global"][0], atol=0.5)
 
 
+def test_results_of_a_rerun_replace_only_failed_entries_and_show_the_batch_used() -> None:
+    """A config killed at the paper's batch (NAFS at 64 on 24 GiB) and rerun with --batch-size:
+    the table of both files has the rerun's row, marked with the paper's batch."""
+    ok = {"config": "baseline/cuhk-pedes", "image_size": [384, 128], "batch_size": 64, "paper_batch_size": 64,
+          "train": {"step_seconds": 24.5}}
+    killed = {"config": "nafs/cuhk-pedes", "error": "killed (SIGKILL; ...): try a smaller --batch-size"}
+    rerun = {"config": "nafs/cuhk-pedes", "image_size": [384, 128], "batch_size": 32, "paper_batch_size": 64,
+             "train": {"step_seconds": 44.4}}
+    again = {"config": "baseline/cuhk-pedes", "error": "exit code 1"}
+    merged = bench.merge_results([{"configs": [ok, killed]}, {"configs": [rerun, again]}])
+    assert merged["configs"] == [ok, rerun]
+    rows = bench.table(merged).splitlines()
+    assert "| 384x128, 64 |" in rows[2] and "| 384x128, 32 (paper 64) | " in rows[3] and "44.4" in rows[3]
+
+
+def test_batch_size_override_reaches_the_config(tmp_path: Path) -> None:
+    assets = {"bert": str(tmp_path / "bert"), "clip_tokenizer": str(tmp_path / "clip")}
+    assert bench.load_paper_config("nafs/cuhk-pedes", assets)["data"]["batch_size"] == 64
+    assert bench.load_paper_config("nafs/cuhk-pedes", assets, batch_size=32)["data"]["batch_size"] == 32
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return bench.write_assets(tmp_path_factory.mktemp("paper-assets"), CAPTIONS)

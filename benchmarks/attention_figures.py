@@ -76,6 +76,10 @@ def main() -> None:
             "| figure | checkpoint | image backbone, input | image | caption |\n"
             "|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
         )
+        drawn = {f"`{line.split('`')[1]}`" for line in rows}
+        older = sorted(f"`{path.name}`" for path in args.figures.glob("attention_*.png") if f"`{path.name}`" not in drawn)
+        if older:
+            handle.write(f"\nNot drawn by this command (from earlier checkpoints; see git log): {', '.join(older)}.\n")
     print(readme)
 
 

@@ -115,6 +115,8 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "isanet-cbam": ("isanet/synthetic", ISANET + ["model.rgl.mode=cbam"]),
     "isanet-rga": ("isanet/synthetic", ISANET + ["model.rgl.mode=rga"]),
     "isanet-no-cons": ("isanet/synthetic", ISANET + ["model.losses.consistency=0"]),           # the "w/o L_cons" ablation
+    # Diagnostic: ISANet at a tenth of the paper's lr (new layers 1e-3, backbone 1e-4).
+    "isanet-lr1e-3": ("isanet/synthetic", ISANET + ["optim.lr=1.0e-3"]),
     "laip": ("laip/synthetic", MINILM + LAIP),
     # Table IV: row 1 ITC + ITM; rows 3-5 + one attention (no MPM, no triplet); 8 = laip (all).
     # Row 2 is row 1 fine-tuned on COCO first: no switch, no offline data.

@@ -37,6 +37,7 @@ Every timing records ``os.getloadavg()`` beside it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -280,7 +281,7 @@ def run_kernel_segments(
         runs = []
         for _ in range(repeats):
             rates = matmul_rates(rows, dim, device, workers)
-            result, seconds, load_after = timed(lambda: score(prepared), device)
+            result, seconds, load_after = timed(functools.partial(score, prepared), device)
             runs.append({"seconds": round(seconds, 3), "load_after": load_after, "rates": rates})
         del prepared
         flops = flops_of(part)

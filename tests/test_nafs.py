@@ -71,6 +71,15 @@ def make_batch(method, captions=CAPTIONS, labels=LABELS):
     }
 
 
+def encode_small_gallery(nafs):
+    """``(text features, image features)`` of ``CAPTIONS[:3]`` and 5 random images, without
+    gradients (the scoring tests' gallery; ``nafs`` already in eval mode)."""
+    data = make_batch(nafs, CAPTIONS[:3], LABELS[:3])
+    with torch.no_grad():
+        images = nafs.encode_image(torch.randn(5, 3, *IMAGE_SIZE))
+        return nafs.encode_text(data["text"]), images
+
+
 # Tensors here are tiny: intra-op threads only add synchronisation (see conftest.single_thread).
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -694,10 +703,8 @@ def test_similarity_equals_score_candidates(nafs, switches):
     nafs.attention.directions = switches.get("directions", nafs.attention.directions)
     nafs.eval()
     try:
-        data = make_batch(nafs, CAPTIONS[:3], LABELS[:3])
+        texts, images = encode_small_gallery(nafs)
         with torch.no_grad():
-            images = nafs.encode_image(torch.randn(5, 3, *IMAGE_SIZE))
-            texts = nafs.encode_text(data["text"])
             full = nafs.similarity(texts, images)
             candidates = torch.tensor([[4, 0, 2], [1, 1, 3], [0, 2, 4]])
             scored = nafs.score_candidates(texts, images, candidates)
@@ -751,10 +758,7 @@ def test_similarity_scores_with_the_evaluation_kernels_and_equals_the_reference(
     attention.lambda_scaling = switches.get("lambda_scaling", attention.lambda_scaling)
     nafs.eval()
     try:
-        data = make_batch(nafs, CAPTIONS[:3], LABELS[:3])
-        with torch.no_grad():
-            images = nafs.encode_image(torch.randn(5, 3, *IMAGE_SIZE))
-            texts = nafs.encode_text(data["text"])
+        texts, images = encode_small_gallery(nafs)
         full = nafs.similarity(texts, images)  # grad mode on: similarity turns it off
         candidates = torch.tensor([[4, 0, 2], [1, 1, 3], [0, 2, 4]])
         scored = nafs.score_candidates(texts, images, candidates)
@@ -790,10 +794,8 @@ def test_similarity_follows_weights_and_gallery_changed_in_place(nafs):
     optimiser step (in-place weights) or an in-place change of the features must show."""
     nafs.eval()
     try:
-        data = make_batch(nafs, CAPTIONS[:3], LABELS[:3])
+        texts, images = encode_small_gallery(nafs)
         with torch.no_grad():
-            images = nafs.encode_image(torch.randn(5, 3, *IMAGE_SIZE))
-            texts = nafs.encode_text(data["text"])
             before = nafs.similarity(texts, images)
             assert torch.equal(nafs.similarity(texts, images), before)
             saved = nafs.attention.image_query.weight.clone()

@@ -398,15 +398,14 @@ class EpochCheckpoints(L.Callback):
         self.path = Path(path)
         self.stage = ""
         self.epoch = -1
-        self.resumed_from: dict[str, Any] = {}
-        self.seconds_before = 0.0  # training seconds of the runs this one resumes
+        self.resumed_from: dict[str, Any] = {}  # the state of the checkpoint this run resumes
         self._started: float | None = None
 
     @property
     def train_seconds(self) -> float:
         """Training seconds up to now, over every resume."""
         now = 0.0 if self._started is None else time.perf_counter() - self._started
-        return self.seconds_before + now
+        return float(self.resumed_from.get("train_seconds", 0.0)) + now
 
     def _save(self, trainer: L.Trainer, stage: str) -> None:
         self.stage, self.epoch = stage, int(trainer.current_epoch)
@@ -443,7 +442,6 @@ class EpochCheckpoints(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.resumed_from = dict(state_dict)
-        self.seconds_before = float(state_dict.get("train_seconds", 0.0))
 
 
 class HistoryWriter(ExperimentWriter):

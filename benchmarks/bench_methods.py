@@ -61,7 +61,7 @@ COMMON = [
 ]
 MINILM = ["model.text_backbone.name=minilm", "model.text_backbone.freeze_layers=3"]
 BILSTM_BASELINE = [
-    "model.text_backbone.name=bilstm",
+    "model.text_backbone.name=bilstm", "model.text_backbone.pretrained=null", "model.text_backbone.freeze_layers=null",
     "model.text_backbone.embedding_dim=300",
     "model.text_backbone.hidden_size=512",
     "model.text_backbone.min_count=2",
@@ -84,6 +84,8 @@ ISANET = ["data.sampler=identity", "data.num_instances=4",
 # was trained; the fusion encoder's [CLS] still drives ITM.
 LAIP = ["optim.lr=1.0e-3", "optim.backbone_lr_mult=0.1", "model.local_losses_start_epoch=4", "eval.rerank=none",
         "model.text_backbone.freeze_layers=0", "model.text_pooling=mean"]
+# Table III row 1: ISANet's global alignment alone.
+ISANET_GA = ["model.local_alignment=false", "model.rgl.mode=none", "model.caf.mode=none"]
 # The baseline's global recipe (avg+max image pooling, CMPC weight 1, lr 2e-3) inside ACSA.
 ACSA_BASELINE_RECIPE = ["model.image_pooling=avg+max", "model.losses.cmpc=1.0", "optim.lr=2.0e-3"]
 
@@ -105,7 +107,7 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "acsa-I-baseline-recipe": ("acsa/synthetic", MINILM + ACSA_BASELINE_RECIPE + ["model.relations=I"]),
     "acsa-baseline-recipe": ("acsa/synthetic", MINILM + ACSA_BASELINE_RECIPE),
     "isanet": ("isanet/synthetic", ISANET),                                                  # GA + ILA + RGL + CAF
-    "isanet-GA": ("isanet/synthetic", ISANET + ["model.local_alignment=false", "model.rgl.mode=none", "model.caf.mode=none"]),
+    "isanet-GA": ("isanet/synthetic", ISANET + ISANET_GA),
     "isanet-GA+ILA": ("isanet/synthetic", ISANET + ["model.rgl.mode=none", "model.caf.mode=none"]),
     "isanet-GA+ILA+RGL": ("isanet/synthetic", ISANET + ["model.caf.mode=none"]),
     # Table III "Baseline": no GA (shared projection of the pooled map), no ILA, no RGL, no CAF.
@@ -117,6 +119,12 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "isanet-no-cons": ("isanet/synthetic", ISANET + ["model.losses.consistency=0"]),           # the "w/o L_cons" ablation
     # Diagnostic: ISANet at a tenth of the paper's lr (new layers 1e-3, backbone 1e-4).
     "isanet-lr1e-3": ("isanet/synthetic", ISANET + ["optim.lr=1.0e-3"]),
+    # Diagnostics: which of GA's two losses (eq. 17's ID, eqs. 18-19's ranking) trains it, and
+    # whether the Bi-LSTM trained from scratch is what holds ISANet back (MiniLM as the other rows).
+    "isanet-GA-id-only": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.rank=0"]),
+    "isanet-GA-rank-only": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.id=0"]),
+    "isanet-minilm": ("isanet/synthetic", ISANET + MINILM + [f"model.text_backbone.{key}=null" for key in
+                                                             ("embedding_dim", "hidden_size", "min_count", "combine")]),
     "laip": ("laip/synthetic", MINILM + LAIP),
     # Table IV: row 1 ITC + ITM; rows 3-5 + one attention (no MPM, no triplet); 8 = laip (all).
     # Row 2 is row 1 fine-tuned on COCO first: no switch, no offline data.

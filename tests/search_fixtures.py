@@ -17,7 +17,7 @@ SEARCH_TRAIN_OVERRIDES = (
     "trainer.max_epochs=4",
     "optim.lr=3e-3",
     "model.image_backbone.freeze_stages=4",
-    "model.text_backbone.name=bilstm",
+    "model.text_backbone.name=bilstm", "model.text_backbone.pretrained=null", "model.text_backbone.freeze_layers=null",
     "model.text_backbone.min_count=1",
     "model.text_backbone.embedding_dim=64",
     "model.text_backbone.hidden_size=128",

@@ -47,7 +47,7 @@ def _config(data_root: Path, output_dir: Path, *extra: str) -> dict:
     return to_container(load_config("baseline/synthetic", [
         f"data.root={data_root}", "data.image_size=[64,32]", f"data.batch_size={BATCH_SIZE}", "data.eval_batch_size=64",
         "data.num_workers=0", "data.sampler=random", "data.augment.padding=2",
-        "model.embed_dim=16", "model.image_backbone.pretrained=false", "model.text_backbone.name=bilstm",
+        "model.embed_dim=16", "model.image_backbone.pretrained=false", "model.text_backbone.name=bilstm", "model.text_backbone.pretrained=null", "model.text_backbone.freeze_layers=null",
         "model.text_backbone.min_count=1", "model.text_backbone.embedding_dim=16", "model.text_backbone.hidden_size=16",
         # CMPM alone: the batch-level loss under test (CMPC's classifier then gets no gradient,
         # hence find_unused_parameters).

@@ -42,7 +42,7 @@ def test_train_then_eval_beats_chance(tiny_synthetic, tiny_config, tmp_path):
     # A Bi-LSTM and a mostly frozen image backbone keep this to seconds on a CPU.
     config = tiny_config(
         tiny_synthetic, tmp_path / "runs", "trainer.max_epochs=8", "trainer.run_name=e2e", "optim.lr=3e-3",
-        "model.text_backbone.name=bilstm", "model.text_backbone.min_count=1", "model.text_backbone.hidden_size=128",
+        "model.text_backbone.name=bilstm", "model.text_backbone.pretrained=null", "model.text_backbone.freeze_layers=null", "model.text_backbone.min_count=1", "model.text_backbone.hidden_size=128",
         "model.text_backbone.embedding_dim=64", "model.image_backbone.freeze_stages=4", "data.augment.padding=2",
     )
     result = train(config)
@@ -94,7 +94,7 @@ def test_train_then_eval_beats_chance(tiny_synthetic, tiny_config, tmp_path):
 def test_resume_continues_exactly(tiny_synthetic, tiny_config, tmp_path):
     # A Bi-LSTM text encoder keeps this fast and also checks that its vocabulary travels in
     # the checkpoint.
-    extra = ("trainer.max_epochs=2", "model.text_backbone.name=bilstm", "model.text_backbone.hidden_size=64",
+    extra = ("trainer.max_epochs=2", "model.text_backbone.name=bilstm", "model.text_backbone.pretrained=null", "model.text_backbone.freeze_layers=null", "model.text_backbone.hidden_size=64",
              "model.text_backbone.embedding_dim=32", "model.text_backbone.min_count=1", "data.augment.random_erasing=0.3",
              "eval.rerank=rvn", "eval.rvn_neighbours=3")
     straight = train(tiny_config(tiny_synthetic, tmp_path / "a", *extra, "trainer.run_name=straight"))
@@ -152,7 +152,7 @@ def test_checkpoint_errors(tmp_path):
 @pytest.mark.slow
 def test_wrong_method_checkpoint_is_refused(tiny_synthetic, tiny_config, tmp_path):
     config = tiny_config(tiny_synthetic, tmp_path / "runs", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                         "model.text_backbone.name=bilstm", "model.text_backbone.min_count=1", "trainer.run_name=w")
+                         "model.text_backbone.name=bilstm", "model.text_backbone.pretrained=null", "model.text_backbone.freeze_layers=null", "model.text_backbone.min_count=1", "trainer.run_name=w")
     result = train(config)
     with pytest.raises(CheckpointError, match="holds method 'baseline'"):
         load_method(result.last_checkpoint, expected_method="nafs")
@@ -283,7 +283,7 @@ def test_lightning_fit_applies_warmup_multistep_and_restart(tmp_path):
 
     config = load_config("baseline/synthetic", [
         "data.image_size=[64,32]", "model.embed_dim=16", "model.image_backbone.pretrained=false",
-        "model.text_backbone.name=bilstm", "model.text_backbone.min_count=1", "model.text_backbone.embedding_dim=16",
+        "model.text_backbone.name=bilstm", "model.text_backbone.pretrained=null", "model.text_backbone.freeze_layers=null", "model.text_backbone.min_count=1", "model.text_backbone.embedding_dim=16",
         "model.text_backbone.hidden_size=16", "optim.lr=1e-3", "optim.backbone_lr_mult=0.1", "optim.scheduler=multistep",
         "optim.milestones=[2]", "optim.warmup_epochs=1", "optim.restart_epochs=[3]", "trainer.max_epochs=4",
     ])

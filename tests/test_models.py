@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from tbps.config import CONFIG_DIR, load_config, save_config
 from tbps.models import create_method, list_methods
 from tbps.models.backbones import BackboneWeightsError, create_image_backbone, create_text_backbone
+from tbps.models.backbones.text import accepted_text_options
 
 
 def test_registry_lists_and_builds_methods():
@@ -98,6 +99,25 @@ def test_missing_text_model_names_the_option(tmp_path):
         create_text_backbone({"name": "bert-base-uncased", "weights": str(tmp_path / "nowhere")})
 
 
+def test_text_backbones_refuse_options_they_do_not_use():
+    """A setting meant for another encoder is an error naming it, never silently dropped; null
+    clears a key (how an override switching ``name`` drops the previous encoder's options)."""
+    with pytest.raises(ValueError, match=r"text backbone 'bilstm' has no option\(s\) \['freeze_layers', 'pretrained'\]"):
+        create_text_backbone({"name": "bilstm", "pretrained": True, "freeze_layers": 3, "min_count": 1})
+    with pytest.raises(ValueError, match=r"text backbone 'minilm' has no option\(s\) \['hidden_size'\]"):
+        create_text_backbone({"name": "minilm", "pretrained": False, "hidden_size": 512})
+    bilstm = create_text_backbone({"name": "bilstm", "pretrained": None, "freeze_layers": None, "hidden_size": 8, "embedding_dim": 4})
+    assert bilstm.hidden_size == 8
+    # A bundled MiniLM config switched to a Bi-LSTM from the command line without clearing its options.
+    config = load_config("baseline/synthetic", ["model.text_backbone.name=bilstm"])
+    with pytest.raises(ValueError, match="set one to null"):
+        create_text_backbone(config.model.text_backbone)
+    # A checkpoint's config from before the refusal keeps only what its encoder read.
+    old_run = {"name": "bilstm", "pretrained": True, "weights": None, "freeze_layers": 3, "min_count": 1}
+    assert accepted_text_options(old_run) == {"name": "bilstm", "min_count": 1}
+    assert accepted_text_options({"name": "minilm", "hidden_size": 8, "freeze_layers": 3}) == {"name": "minilm", "freeze_layers": 3}
+
+
 def test_freezing_stops_gradients_and_keeps_batchnorm_statistics():
     backbone = create_image_backbone({"name": "efficientnet_lite0", "freeze_stages": 2})
     backbone.train()
@@ -134,7 +154,7 @@ def test_bilstm_vocabulary_travels_in_the_state_dict():
 
 
 def test_baseline_encodes_and_returns_named_losses():
-    config = load_config("baseline/synthetic", ["model.embed_dim=16", "model.text_backbone.name=bilstm", "model.text_backbone.min_count=1"])
+    config = load_config("baseline/synthetic", ["model.embed_dim=16", "model.text_backbone.name=bilstm", "model.text_backbone.pretrained=null", "model.text_backbone.freeze_layers=null", "model.text_backbone.min_count=1"])
     method = create_method("baseline", config.model, num_classes=3, image_size=(64, 32))
     method.fit_text(["a man in a red coat", "a woman in a blue dress"])
     text = method.build_text_processor()(["a man in a red coat", "a woman in a blue dress", "a red dress"])

@@ -284,7 +284,7 @@ def test_image_to_text_ranks_the_plain_similarity_whatever_the_rerank(tmp_path) 
 
     torch.manual_seed(0)
     model = to_container(load_config("baseline/synthetic", [
-        "model.embed_dim=16", "model.image_backbone.pretrained=false", "model.text_backbone.name=bilstm",
+        "model.embed_dim=16", "model.image_backbone.pretrained=false", "model.text_backbone.name=bilstm", "model.text_backbone.pretrained=null", "model.text_backbone.freeze_layers=null",
         "model.text_backbone.min_count=1", "model.text_backbone.embedding_dim=8", "model.text_backbone.hidden_size=8",
     ]))["model"]
     method = create_method("baseline", model, num_classes=4, image_size=(64, 32))

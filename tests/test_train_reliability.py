@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # A Bi-LSTM, a random frozen image backbone and three batches an epoch: a run takes seconds.
 FAST = (
     "model.embed_dim=32",
-    "model.text_backbone.name=bilstm",
+    "model.text_backbone.name=bilstm", "model.text_backbone.pretrained=null", "model.text_backbone.freeze_layers=null",
     "model.text_backbone.min_count=1",
     "model.text_backbone.hidden_size=32",
     "model.text_backbone.embedding_dim=16",

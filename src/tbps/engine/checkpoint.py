@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from tbps.models.backbones.common import hugging_face_model_type
+from tbps.models.backbones.text import accepted_text_options
 from tbps.models.base import PersonSearchMethod
 from tbps.models.registry import create_method, get_method_class
 from tbps.utils import atomic_write, sha256_file
@@ -149,9 +150,14 @@ def load_method(
     model_config = dict(config["model"])
     # The weights come from the checkpoint: build backbones randomly initialised (a text model
     # still reads its config and tokenizer files from its path) and overwrite them below.
-    for section in ("image_backbone", "text_backbone"):
-        if isinstance(model_config.get(section), dict):
-            model_config[section] = {**model_config[section], "pretrained": False}
+    if isinstance(model_config.get("image_backbone"), dict):
+        model_config["image_backbone"] = {**model_config["image_backbone"], "pretrained": False}
+    if isinstance(model_config.get("text_backbone"), dict):
+        # A run made before text encoders refused options they do not read may carry some
+        # (a Bi-LSTM's ``freeze_layers``): they did nothing then, and are dropped. A Bi-LSTM has
+        # no pretrained weights to skip.
+        text = accepted_text_options(model_config["text_backbone"])
+        model_config["text_backbone"] = text if text.get("name") == "bilstm" else {**text, "pretrained": False}
     # Likewise the weights a method started training from (``model.init_checkpoint``, e.g. LAIP's ALBEF).
     if isinstance(model_config.get("init_checkpoint"), dict):
         model_config["init_checkpoint"] = {**model_config["init_checkpoint"], "path": None}

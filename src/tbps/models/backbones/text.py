@@ -174,6 +174,37 @@ class BiLSTMText(TextBackbone):
 TEXT_BACKBONES = ("minilm", "bilstm", "clip", "<any BERT-family name or path>")
 
 
+# The options each encoder reads; any other key of ``model.text_backbone`` is refused, so a
+# setting meant for another encoder (``freeze_layers`` on a Bi-LSTM, ``hidden_size`` on MiniLM) is
+# never silently dropped. A key set to null counts as absent: that is how an override switching
+# ``name`` clears the previous encoder's options.
+BILSTM_OPTIONS = ("name", "embedding_dim", "hidden_size", "num_layers", "min_count", "combine", "dropout")
+TRANSFORMER_OPTIONS = ("name", "pretrained", "weights", "freeze_layers")
+
+
+def _refuse_unknown_options(config: Any, name: str, accepted: Sequence[str]) -> None:
+    keys = set(config.keys()) if config is not None and hasattr(config, "keys") else set()
+    unknown = sorted(key for key in keys - set(accepted) if option(config, key) is not None)
+    if unknown:
+        raise ValueError(
+            f"text backbone {name!r} has no option(s) {unknown} (model.text_backbone.<option>; set one to null "
+            f"to clear it); it takes {', '.join(accepted[1:])}"
+        )
+
+
+def accepted_text_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` without the keys its encoder does not read: for configs written before those
+    were refused (checkpoints), where they had no effect."""
+    name = config.get("name", "minilm")
+    if name == "clip":
+        from tbps.models.backbones.clip import ClipText
+
+        accepted: Sequence[str] = ClipText.options
+    else:
+        accepted = BILSTM_OPTIONS if name == "bilstm" else TRANSFORMER_OPTIONS
+    return {key: value for key, value in config.items() if key in accepted}
+
+
 def create_text_backbone(config: Any) -> TextBackbone:
     """Build the text encoder named by ``config.name`` (``model.text_backbone`` section)."""
     name = option(config, "name", "minilm")
@@ -182,6 +213,7 @@ def create_text_backbone(config: Any) -> TextBackbone:
         from tbps.models.backbones.clip import create_clip_text_backbone
 
         return create_clip_text_backbone(config)
+    _refuse_unknown_options(config, name, BILSTM_OPTIONS if name == "bilstm" else TRANSFORMER_OPTIONS)
     if name == "bilstm":
         return BiLSTMText(
             embedding_dim=int(option(config, "embedding_dim", 300)),

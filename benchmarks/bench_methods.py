@@ -46,6 +46,7 @@ from tbps.evaluation.evaluator import encode_image_batches, encode_text_batches,
 from tbps.evaluation.rank import rank
 from tbps.models.base import PersonSearchMethod
 from tbps.utils import atomic_write
+from tbps.utils.notices import quiet_library_notices
 
 EPOCHS = 6  # of the random sampler: 3,443 training captions / 64 = 53 steps each
 COMMON = [
@@ -262,6 +263,7 @@ def print_seed_summary(results: dict) -> None:
 
 
 def main() -> None:
+    quiet_library_notices()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="the synthetic benchmark (CUHK-PEDES layout)")
     parser.add_argument("--out", type=Path, required=True)

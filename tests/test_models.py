@@ -170,6 +170,10 @@ def test_baseline_encodes_and_returns_named_losses():
         assert similarity.shape == (3, 3) and similarity.abs().max() <= 1 + 1e-5
         candidates = torch.tensor([[2, 0], [1, 2], [0, 1]])
         torch.testing.assert_close(method.score_candidates(texts, images, candidates), similarity.gather(1, candidates))
+    # The Bi-LSTM has no pretrained weights: it trains at the new layers' rate, the image backbone at the backbone's.
+    groups = {name: {id(p) for p in params} for name, params in method.parameter_groups().items()}
+    assert all(id(p) in groups["new"] for p in method.text_backbone.parameters())
+    assert all(id(p) in groups["backbone"] for p in method.image_backbone.parameters() if p.requires_grad)
 
 
 def test_config_overrides_and_round_trip(tmp_path):

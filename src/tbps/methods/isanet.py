@@ -1099,20 +1099,6 @@ class ISANet(PersonSearchMethod):
         epoch = int(self.current_epoch) if epoch is None else int(epoch)
         return self.weak_margin_start_epoch is not None and epoch >= self.weak_margin_start_epoch
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The image backbone (and a pretrained BERT-family text encoder) at the backbone rate.
-
-        The paper trains the visual backbone at 1e-3 and "the rest of the network" at 1e-2; the
-        Bi-LSTM starts from random weights, so it belongs to the rest.
-        """
-        pretrained_text = not isinstance(self.text_backbone, BiLSTMText)
-        prefixes = ("image_backbone.", "text_backbone.") if pretrained_text else ("image_backbone.",)
-        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "new": []}
-        for name, parameter in self.named_parameters():
-            if parameter.requires_grad:
-                groups["backbone" if name.startswith(prefixes) else "new"].append(parameter)
-        return groups
-
     # ------------------------------------------------------------------ test similarity
     def similarity(self, text_features: Mapping[str, Tensor], image_features: Mapping[str, Tensor]) -> Tensor:
         """``S = S_global + S_local`` by cosine, ``[texts x images]`` (S_global alone without ILA)."""

@@ -161,9 +161,21 @@ class PersonSearchMethod(nn.Module, metaclass=abc.ABCMeta):
         """Called by the engine at the start of every training epoch (for staged schedules)."""
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Split trainable parameters into pretrained-backbone and new layers."""
+        """Split trainable parameters into pretrained-backbone and new layers.
+
+        A backbone that has no pretrained weights by design (``trained_from_scratch``, e.g. the
+        Bi-LSTM over the training vocabulary) starts from random weights like the method's own
+        layers, so it trains at their rate, as the papers that use one do (ISANet: the visual
+        backbone at 1e-3, "the rest of the network" at 1e-2)."""
+        from_scratch = {
+            id(parameter)
+            for module in self.modules()
+            if getattr(module, "trained_from_scratch", False)
+            for parameter in module.parameters()
+        }
         groups: dict[str, list[nn.Parameter]] = {"backbone": [], "new": []}
         for name, parameter in self.named_parameters():
             if parameter.requires_grad:
-                groups["backbone" if name.startswith(BACKBONE_PREFIXES) else "new"].append(parameter)
+                pretrained = name.startswith(BACKBONE_PREFIXES) and id(parameter) not in from_scratch
+                groups["backbone" if pretrained else "new"].append(parameter)
         return groups

@@ -35,6 +35,9 @@ class TextBackboneOutput:
 
 class TextBackbone(nn.Module):
     hidden_size: int
+    # No pretrained weights exist for it (its vocabulary is the training captions'): its
+    # parameters are new layers, trained at the method's new-layer rate (PersonSearchMethod.parameter_groups).
+    trained_from_scratch: bool = False
 
     def fit(self, captions: Sequence[str]) -> None:
         """Prepare from the training captions (vocabulary); pretrained models need nothing."""
@@ -108,6 +111,8 @@ def _encode_with_vocabulary(vocabulary: Any, max_length: int, captions: Sequence
 
 class BiLSTMText(TextBackbone):
     """Bi-LSTM over word embeddings; the two directions are averaged (ISANet) or concatenated."""
+
+    trained_from_scratch = True
 
     def __init__(
         self,

@@ -559,6 +559,20 @@ def test_explain_returns_bidirectional_phrase_maps(laip):
     assert laip.training  # the caller's mode is restored
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_bidirectional_maps_use_the_gradient_under_no_grad_and_inference_mode(laip, context):
+    """The backward attention is a gradient: a caller without autograd (a script scoring under
+    inference_mode) gets the same maps, not the forward attention relabelled."""
+    torch.manual_seed(0)
+    image, text = torch.randn(3, *IMAGE_SIZE), "a man in a red shirt and black shoes"
+    _, expected = laip.phrase_maps(image, text)
+    assert not torch.allclose(expected["bidirectional"], expected["forward"])
+    with getattr(torch, context)():
+        _, maps = laip.phrase_maps(image.clone(), text)
+    for mode in expected:  # the same computation up to float rounding
+        torch.testing.assert_close(maps[mode], expected[mode], rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------ ALBEF checkpoints
 def _albef_state(laip):
     """An ALBEF-format retrieval state dict for ``laip``'s shapes, written from ALBEF's naming

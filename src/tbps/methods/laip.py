@@ -1016,10 +1016,16 @@ class LAIP(PersonSearchMethod):
         """Forward, backward and bidirectional weights of each (image, phrase) over the patch
         grid, ``[B, h, w]`` each (Fig. 7). The phrase is masked as in training (one word)."""
         processor = LaipTextProcessor(self.text_backbone.model_path, self.max_text_length, self.max_phrase_length, max_phrases=0)
-        encoded = processor.phrases(list(phrases))
-        masked, labels, _ = processor._mask_words(list(phrases), encoded, whole_sentence=False)
         device = images.device
-        with torch.enable_grad():
+        # The backward attention is a gradient (eq. 6): it needs autograd even when the caller
+        # runs under no_grad or inference_mode (an explain or a benchmark script), where it would
+        # otherwise be all zero and the maps would silently fall back to the forward attention.
+        # Every input is made here, outside inference mode (the images cloned), so autograd can
+        # record it.
+        with torch.inference_mode(False), torch.enable_grad():
+            encoded = processor.phrases(list(phrases))
+            masked, labels, _ = processor._mask_words(list(phrases), encoded, whole_sentence=False)
+            images = images.clone()
             output = self.image_backbone(images)
             grid = output.feature_maps[-1].shape[-2:]
             tokens = self._tokens_from_output(output, self.image_token_norm)

@@ -88,6 +88,10 @@ def test_train_then_eval_beats_chance(tiny_synthetic, tiny_config, tmp_path):
     assert "image-to-text" in payload["metrics"]
     assert len(payload["per_query"]) == stats["captions"]
     assert all(1 <= q["first_hit_rank"] <= stats["images"] for q in payload["per_query"])
+    # --split train: the fit to the training identities, the figure evaluate_split gave above.
+    cli = CliRunner().invoke(app, ["eval", "--checkpoint", str(result.last_checkpoint), "--split", "train", "--json", str(out)])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(out.read_text())["metrics"]["text-to-image"]["R1"] == pytest.approx(seen["R1"])
 
 
 @pytest.mark.slow

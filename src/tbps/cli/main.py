@@ -94,7 +94,7 @@ def train_command(
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="a tbps checkpoint (.ckpt), or CLIP weights evaluated zero-shot (a Hugging Face CLIP folder or OpenAI's ViT-B-16.pt; give --dataset and --root)"),
-    split: str = typer.Option("test", help="test or val"),
+    split: str = typer.Option("test", help="test, val, or train (how well the model fits the identities it was trained on: a diagnostic, never a result)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write metrics and per-query ranks to this JSON file"),
     rerank: Optional[str] = typer.Option(None, help="none | two-stage | rvn | two-stage+rvn (default: the checkpoint config's eval.rerank)"),
     top_k: Optional[int] = typer.Option(None, help="candidates kept by two-stage scoring (default: eval.top_k)"),
@@ -113,8 +113,8 @@ def eval_command(
     from tbps.evaluation.evaluator import evaluate_split, scoring_options
     from tbps.utils import atomic_write
 
-    if split not in ("test", "val"):
-        fail(f"--split must be test or val, got {split!r}")
+    if split not in ("test", "val", "train"):
+        fail(f"--split must be test, val or train, got {split!r}")
     run_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
         method, config = load_model_source(checkpoint, prompt, map_location=run_device)

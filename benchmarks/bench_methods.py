@@ -124,6 +124,10 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     # whether the Bi-LSTM trained from scratch is what holds ISANet back (MiniLM as the other rows).
     "isanet-GA-id-only": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.rank=0"]),
     "isanet-GA-rank-only": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.id=0"]),
+    # Diagnostics: SSAN's semi-hard negatives (the default) only touch negatives already ranked
+    # below the positive; the hardest one, or every one, of each anchor instead.
+    "isanet-GA-hardest": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.negative_sampling=hardest"]),
+    "isanet-GA-all": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.negative_sampling=all"]),
     "isanet-minilm": ("isanet/synthetic", ISANET + MINILM + [f"model.text_backbone.{key}=null" for key in
                                                              ("embedding_dim", "hidden_size", "min_count", "combine")]),
     "laip": ("laip/synthetic", MINILM + LAIP),

@@ -124,6 +124,10 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     # whether the Bi-LSTM trained from scratch is what holds ISANet back (MiniLM as the other rows).
     "isanet-GA-id-only": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.rank=0"]),
     "isanet-GA-rank-only": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.id=0"]),
+    # Diagnostics: GA at a tenth and a hundredth of the paper's lr (Adam at 1e-2 moves W_g's
+    # outputs by several units a step: its inputs are the backbone's raw 1280 channels).
+    "isanet-GA-lr1e-3": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3"]),
+    "isanet-GA-lr1e-4": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-4"]),
     # Diagnostics: SSAN's semi-hard negatives (the default) only touch negatives already ranked
     # below the positive; the hardest one, or every one, of each anchor instead.
     "isanet-GA-hardest": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.negative_sampling=hardest"]),

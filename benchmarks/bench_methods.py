@@ -128,6 +128,9 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     # outputs by several units a step: its inputs are the backbone's raw 1280 channels).
     "isanet-GA-lr1e-3": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3"]),
     "isanet-GA-lr1e-4": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-4"]),
+    # Diagnostic: SSAN's text branch regularises the word embeddings with dropout 0.3 (its code;
+    # neither paper says so); ISANet's caption features collapse without it.
+    "isanet-GA-text-dropout": ("isanet/synthetic", ISANET + ISANET_GA + ["model.text_backbone.dropout=0.3"]),
     # Diagnostics: SSAN's semi-hard negatives (the default) only touch negatives already ranked
     # below the positive; the hardest one, or every one, of each anchor instead.
     "isanet-GA-hardest": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.negative_sampling=hardest"]),

@@ -77,14 +77,13 @@ def main() -> None:
     else:
         method = trained
     epoch = checkpoint_epoch if args.epoch is None else args.epoch
-    if hasattr(method, "set_epoch"):
-        method.set_epoch(epoch)
+    method.set_epoch(epoch)
     method.train()
     data = PersonSearchDataModule(OmegaConf.create(config["data"]), dataset, method.build_text_processor(),
                                   method.image_mean_std, seed=seed)
     groups = parameter_groups(method)
     totals: dict[str, dict[str, float]] = {}
-    cosines: dict[str, dict[str, float]] = {}
+    cosines: dict[str, float] = {}  # each loss's gradient against the sum of the others
     loader = iter(data.train_dataloader())
     for _ in range(args.batches):
         batch = next(loader)
@@ -100,15 +99,15 @@ def main() -> None:
                 shared = torch.cat([grads[name][group] for group in groups])
                 rest = sum(torch.cat([grads[other][group] for group in groups]) for other in others)
                 cosine = float(torch.nn.functional.cosine_similarity(shared, rest, dim=0, eps=1e-20))
-                cosines.setdefault(name, {"with the other losses": 0.0})["with the other losses"] += cosine / args.batches
+                cosines[name] = cosines.get(name, 0.0) + cosine / args.batches
         del losses, grads
-    print(f"{args.checkpoint} ({'fresh weights' if args.fresh else f'epoch {checkpoint_epoch}'}), {args.batches} training batches")
+    print(f"{args.checkpoint} ({'fresh weights' if args.fresh else f'after epoch {checkpoint_epoch + 1}'}), {args.batches} training batches")
     header = ["loss", "value", *(f"|grad| {group}" for group in groups), "cos(grad, rest)"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, entry in totals.items():
         cells = [name, f"{entry['value']:.3f}", *(f"{entry[group]:.3g}" for group in groups),
-                 f"{cosines.get(name, {}).get('with the other losses', float('nan')):.2f}"]
+                 f"{cosines.get(name, float('nan')):.2f}"]
         print("| " + " | ".join(cells) + " |")
     if args.out is not None:
         with atomic_write(args.out) as handle:

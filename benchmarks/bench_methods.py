@@ -44,7 +44,6 @@ from tbps.engine.datamodule import load_configured_dataset
 from tbps.engine.train import train
 from tbps.evaluation.evaluator import encode_image_batches, encode_text_batches, eval_loaders, score_features
 from tbps.evaluation.rank import rank
-from tbps.models.base import PersonSearchMethod
 from tbps.utils import atomic_write
 from tbps.utils.notices import quiet_library_notices
 
@@ -193,11 +192,12 @@ def score_run(name: str, report: dict, top_ks: list[int]) -> dict:
     gallery_ids = torch.tensor([r.person_id for r in records])
 
     modes: list[tuple[str, dict]] = [("method", {"rerank": "none"}), ("rvn", {"rerank": "rvn"})]
-    has_fine_scorer = type(method).score_candidates is not PersonSearchMethod.score_candidates
+    # A method (or ablation, e.g. ACSA's relations I) without a fine score has nothing to re-score.
+    has_fine_scorer = bool(method.has_fine_similarity)
     if has_fine_scorer:
         modes.append(("global", {}))
         modes += [(f"two-stage@{k}", {"rerank": "two-stage", "top_k": k}) for k in top_ks]
-    if getattr(method, "test_similarity", None) == "global+local":
+    if has_fine_scorer and getattr(method, "test_similarity", None) == "global+local":
         modes.append(("local", {"rerank": "none"}))
     scores = {}
     for mode, options in modes:

@@ -514,6 +514,13 @@ def test_explain_pair_reports_the_attended_entity_per_phrase(acsa, processor):
 # ------------------------------------------------------------------------------ ablation switches
 
 
+def test_global_only_model_refuses_a_local_test_similarity():
+    """Relations I has no cross-attention module: a local-only score would silently be the global one."""
+    with pytest.raises(ValueError, match="test_similarity=local needs the cross-attention module"):
+        build(relations="I", test_similarity="local")
+    assert not build(relations="I").has_fine_similarity
+
+
 @pytest.mark.parametrize(
     "overrides, entities",
     [

@@ -273,6 +273,8 @@ class ACSA(PersonSearchMethod):
                 raise ValueError(f"model.{name} must be one of {allowed}, got {value!r}")
         # Relation I is the global-only model (Table III/V row 1): no regions, phrases or ACAM.
         self.uses_acam = self.relations != "I"
+        if not self.uses_acam and self.test_similarity == "local":
+            raise ValueError("model.test_similarity=local needs the cross-attention module; model.relations=I has none")
         self.has_fine_similarity = self.uses_acam and self.test_similarity != "global"
 
         phrases = option(config, "phrases", {}) or {}

@@ -614,6 +614,11 @@ def test_attention_defaults_and_options_reach_the_module(nafs, batch):
 def test_test_similarity_local_needs_local_features(nafs):
     with pytest.raises(ValueError, match="test_similarity=local"):
         build(scales="global", test_similarity="local")
+    # Whether there is a fine score to search or re-rank by (the searcher and the bench ask).
+    assert not build(scales="global").has_fine_similarity and nafs.has_fine_similarity
+    nafs.test_similarity = "global"
+    assert not nafs.has_fine_similarity
+    nafs.test_similarity = "global+local"
     # Set on a built model (how a checkpoint is scored both ways) it is checked the same way.
     with pytest.raises(ValueError, match="test_similarity must be one of"):
         nafs.test_similarity = "eq5"

@@ -476,7 +476,11 @@ class TokenProjection(nn.Module):
 @register_method("nafs")
 class NAFS(PersonSearchMethod):
     description = "NAFS: staircase CNN + locality-constrained BERT, contextual non-local alignment over all scales"
-    has_fine_similarity = True
+
+    @property
+    def has_fine_similarity(self) -> bool:  # type: ignore[override]
+        """The non-local score is computed (not the global-scale ablation) and used at test."""
+        return self.has_local and self.test_similarity != "global"
 
     def __init__(self, config: Any, num_classes: int, image_size: tuple[int, int] | None = None) -> None:
         super().__init__(config, num_classes, image_size)

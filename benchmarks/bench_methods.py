@@ -314,6 +314,10 @@ def main() -> None:
                                     "device": f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"}
                     print(f"== {key} done in {results[key]['wall_seconds'] / 60:.1f} min", flush=True)
                 args.out.mkdir(parents=True, exist_ok=True)
+                # Merged into the file as it is now: another invocation on the same OUT (a
+                # diagnostic, a rescoring) may have written its entries since this one started.
+                on_disk = json.loads(results_path.read_text()) if results_path.is_file() else {}
+                results = {**on_disk, key: results[key]}
                 with atomic_write(results_path) as handle:
                     json.dump(results, handle, indent=2)
     print_tables(results)

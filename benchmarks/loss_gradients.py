@@ -62,8 +62,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args()
 
-    trained, config = load_method(args.checkpoint)
-    checkpoint_epoch = int(read_checkpoint(args.checkpoint).get("epoch", 0))
+    checkpoint = read_checkpoint(args.checkpoint)  # read once: its config, its epoch, its weights
+    checkpoint_epoch = int(checkpoint.get("epoch", 0))
+    config = checkpoint["tbps"]["config"]
     dataset = load_configured_dataset(config["data"], val_split_seed(config))
     seed = int(config.get("seed", 0))
     if args.fresh:
@@ -75,7 +76,7 @@ def main() -> None:
         method = build_module(config, labels).method
         method.fit_text([caption for record in train_records for caption in record.captions])
     else:
-        method = trained
+        method, config = load_method(args.checkpoint, checkpoint=checkpoint)
     epoch = checkpoint_epoch if args.epoch is None else args.epoch
     method.set_epoch(epoch)
     method.train()

@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from tbps.models.backbones.common import hugging_face_model_type
-from tbps.models.backbones.text import accepted_text_options
+from tbps.models.backbones.text import accepted_text_options, text_backbone_options
 from tbps.models.base import PersonSearchMethod
 from tbps.models.registry import create_method, get_method_class
 from tbps.utils import atomic_write, sha256_file
@@ -154,10 +154,12 @@ def load_method(
         model_config["image_backbone"] = {**model_config["image_backbone"], "pretrained": False}
     if isinstance(model_config.get("text_backbone"), dict):
         # A run made before text encoders refused options they do not read may carry some
-        # (a Bi-LSTM's ``freeze_layers``): they did nothing then, and are dropped. A Bi-LSTM has
-        # no pretrained weights to skip.
+        # (a Bi-LSTM's ``freeze_layers``): they did nothing then, and are dropped. An encoder
+        # without pretrained weights (the Bi-LSTM) has no ``pretrained`` to switch off.
         text = accepted_text_options(model_config["text_backbone"])
-        model_config["text_backbone"] = text if text.get("name") == "bilstm" else {**text, "pretrained": False}
+        if "pretrained" in text_backbone_options(text.get("name", "minilm")):
+            text["pretrained"] = False
+        model_config["text_backbone"] = text
     # Likewise the weights a method started training from (``model.init_checkpoint``, e.g. LAIP's ALBEF).
     if isinstance(model_config.get("init_checkpoint"), dict):
         model_config["init_checkpoint"] = {**model_config["init_checkpoint"], "path": None}

@@ -197,16 +197,19 @@ def _refuse_unknown_options(config: Any, name: str, accepted: Sequence[str]) -> 
         )
 
 
-def accepted_text_options(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` without the keys its encoder does not read: for configs written before those
-    were refused (checkpoints), where they had no effect."""
-    name = config.get("name", "minilm")
+def text_backbone_options(name: str) -> Sequence[str]:
+    """The options of ``model.text_backbone`` that the encoder ``name`` reads."""
     if name == "clip":
         from tbps.models.backbones.clip import ClipText
 
-        accepted: Sequence[str] = ClipText.options
-    else:
-        accepted = BILSTM_OPTIONS if name == "bilstm" else TRANSFORMER_OPTIONS
+        return ClipText.options
+    return BILSTM_OPTIONS if name == "bilstm" else TRANSFORMER_OPTIONS
+
+
+def accepted_text_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` without the keys its encoder does not read: for configs written before those
+    were refused (checkpoints), where they had no effect."""
+    accepted = text_backbone_options(config.get("name", "minilm"))
     return {key: value for key, value in config.items() if key in accepted}
 
 
@@ -218,7 +221,7 @@ def create_text_backbone(config: Any) -> TextBackbone:
         from tbps.models.backbones.clip import create_clip_text_backbone
 
         return create_clip_text_backbone(config)
-    _refuse_unknown_options(config, name, BILSTM_OPTIONS if name == "bilstm" else TRANSFORMER_OPTIONS)
+    _refuse_unknown_options(config, name, text_backbone_options(name))
     if name == "bilstm":
         return BiLSTMText(
             embedding_dim=int(option(config, "embedding_dim", 300)),

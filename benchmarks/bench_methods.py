@@ -134,6 +134,11 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     # below the positive; the hardest one, or every one, of each anchor instead.
     "isanet-GA-hardest": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.negative_sampling=hardest"]),
     "isanet-GA-all": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.negative_sampling=all"]),
+    # The same two at the lr where GA's features stay bounded (new layers 1e-3).
+    "isanet-GA-lr1e-3-hardest": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3",
+                                                                           "model.losses.negative_sampling=hardest"]),
+    "isanet-GA-lr1e-3-all": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3",
+                                                                       "model.losses.negative_sampling=all"]),
     "isanet-minilm": ("isanet/synthetic", ISANET + MINILM + [f"model.text_backbone.{key}=null" for key in
                                                              ("embedding_dim", "hidden_size", "min_count", "combine")]),
     "laip": ("laip/synthetic", MINILM + LAIP),

@@ -18,6 +18,13 @@ fi
 stamp="$VENV/.tbps-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "installing tbps and its dependencies (first time: a few minutes)"
+    # PyPI's PyTorch for Linux x86_64 is the CUDA build: about 6 GB in the venv. pip's cache would
+    # hold a second copy of every wheel while it installs, so it is off (a CI machine ran out of disk).
+    free_kb=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+    if [ -n "$free_kb" ] && [ "$free_kb" -lt $((7 * 1024 * 1024)) ]; then
+        echo "warning: $((free_kb / 1024)) MB free where $VENV lies; installing PyTorch from PyPI needs about 7 GB" >&2
+    fi
+    export PIP_NO_CACHE_DIR=1
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e ".[test]"
     touch "$stamp"

@@ -519,6 +519,11 @@ def test_global_only_model_refuses_a_local_test_similarity():
     with pytest.raises(ValueError, match="test_similarity=local needs the cross-attention module"):
         build(relations="I", test_similarity="local")
     assert not build(relations="I").has_fine_similarity
+    # It follows test_similarity, as NAFS's does (the searcher reads it when it opens an index).
+    acsa = build()
+    assert acsa.has_fine_similarity
+    acsa.test_similarity = "global"
+    assert not acsa.has_fine_similarity
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,19 @@ def test_text_encoder_averages_directions_and_vocabulary_is_capped():
     assert not any(id(p) in backbone_ids for p in method.text_backbone.parameters())
 
 
+def test_vocabulary_cap_is_refused_for_a_pretrained_text_encoder():
+    # A fixed (pretrained) vocabulary cannot be capped: the option is refused, not ignored.
+    def with_minilm(vocabulary_size):
+        return {**tiny_config(vocabulary_size=vocabulary_size), "text_backbone": {"name": "minilm", "pretrained": False}}
+
+    with pytest.raises(ValueError, match="model.vocabulary_size"):
+        create_method("isanet", with_minilm(6), num_classes=3, image_size=IMAGE_SIZE)
+    method = create_method("isanet", with_minilm(None), num_classes=3, image_size=IMAGE_SIZE)
+    method.fit_text(CAPTIONS)  # nothing to build
+    with pytest.raises(ValueError, match="fixed vocabulary"):
+        method.text_backbone.fit(CAPTIONS, max_vocabulary=6)
+
+
 # ------------------------------------------------------------------------------ RGL (eqs. 2-5)
 
 

@@ -246,7 +246,10 @@ def pool_sentence(tokens: Tensor, mask: Tensor, sentence: Tensor, mode: str) -> 
 @register_method("acsa")
 class ACSA(PersonSearchMethod):
     description = "ACSA: Swin-T body regions + BERT noun phrases, asymmetric cross-scale attention (image/region-phrase)"
-    has_fine_similarity = True
+    @property
+    def has_fine_similarity(self) -> bool:  # type: ignore[override]
+        """The cross-attention score exists (relations beyond I) and is used at test."""
+        return self.uses_acam and self.test_similarity != "global"
 
     def __init__(self, config: Any, num_classes: int, image_size: tuple[int, int] | None = None) -> None:
         super().__init__(config, num_classes, image_size)
@@ -275,7 +278,6 @@ class ACSA(PersonSearchMethod):
         self.uses_acam = self.relations != "I"
         if not self.uses_acam and self.test_similarity == "local":
             raise ValueError("model.test_similarity=local needs the cross-attention module; model.relations=I has none")
-        self.has_fine_similarity = self.uses_acam and self.test_similarity != "global"
 
         phrases = option(config, "phrases", {}) or {}
         self.max_phrases = int(option(phrases, "max_phrases", 10))  # M

@@ -155,7 +155,6 @@ from tbps.losses import (
 from tbps.models.attention import NonLocalBlock2d, SqueezeExcitation
 from tbps.models.backbones import create_image_backbone, create_text_backbone
 from tbps.models.backbones.common import option
-from tbps.models.backbones.text import BiLSTMText
 from tbps.models.base import Features, PersonSearchMethod, TextProcessor
 from tbps.models.registry import register_method
 
@@ -787,6 +786,11 @@ class ISANet(PersonSearchMethod):
         # ---- encoders
         self.image_backbone = create_image_backbone(option(config, "image_backbone"), image_size=image_size)
         self.text_backbone = create_text_backbone(option(config, "text_backbone"))
+        if self.vocabulary_size and not self.text_backbone.builds_vocabulary:
+            raise ValueError(
+                f"model.vocabulary_size ({self.vocabulary_size}) caps a vocabulary built from the training captions; "
+                f"the {option(config, 'text_backbone').get('name')!r} text encoder has a fixed one: set it to null"
+            )
         channels = self.image_backbone.out_channels
         self.channels = channels
         text_width = self.text_backbone.hidden_size
@@ -874,18 +878,8 @@ class ISANet(PersonSearchMethod):
 
     # ------------------------------------------------------------------ text input
     def fit_text(self, captions: Sequence[str]) -> None:
-        if isinstance(self.text_backbone, BiLSTMText):
-            from tbps.text.tokenizers import WordVocabulary
-
-            # The paper keeps words seen more than twice, capped at V (5,000 / 3,000).
-            vocabulary = WordVocabulary.build(
-                captions,
-                min_count=self.text_backbone.min_count,
-                max_size=int(self.vocabulary_size) if self.vocabulary_size else None,
-            )
-            self.text_backbone._set_vocabulary(vocabulary)
-        else:
-            self.text_backbone.fit(captions)
+        # The paper keeps words seen more than twice, capped at V (5,000 / 3,000).
+        self.text_backbone.fit(captions, max_vocabulary=int(self.vocabulary_size) if self.vocabulary_size else None)
 
     def build_text_processor(self) -> TextProcessor:
         return self.text_backbone.build_processor(self.max_text_length)

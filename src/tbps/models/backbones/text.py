@@ -38,9 +38,18 @@ class TextBackbone(nn.Module):
     # No pretrained weights exist for it (its vocabulary is the training captions'): its
     # parameters are new layers, trained at the method's new-layer rate (PersonSearchMethod.parameter_groups).
     trained_from_scratch: bool = False
+    # It builds its vocabulary from the training captions (fit), so a cap on that vocabulary's
+    # size applies to it; a pretrained tokenizer's vocabulary is fixed.
+    builds_vocabulary: bool = False
 
-    def fit(self, captions: Sequence[str]) -> None:
-        """Prepare from the training captions (vocabulary); pretrained models need nothing."""
+    def fit(self, captions: Sequence[str], max_vocabulary: int | None = None) -> None:
+        """Prepare from the training captions (vocabulary); pretrained models need nothing.
+
+        ``max_vocabulary`` caps the vocabulary of an encoder that ``builds_vocabulary``; any other
+        refuses it rather than ignore it.
+        """
+        if max_vocabulary is not None:
+            raise ValueError(f"{type(self).__name__} has a fixed vocabulary: a cap on its size does not apply")
 
     def build_processor(self, max_length: int, pad_to_longest: bool = False) -> TextProcessor:
         raise TypeError(f"{type(self).__name__} does not define a text processor")
@@ -113,6 +122,7 @@ class BiLSTMText(TextBackbone):
     """Bi-LSTM over word embeddings; the two directions are averaged (ISANet) or concatenated."""
 
     trained_from_scratch = True
+    builds_vocabulary = True
 
     def __init__(
         self,
@@ -141,10 +151,11 @@ class BiLSTMText(TextBackbone):
         if self.embedding.num_embeddings != len(vocabulary):
             self.embedding = nn.Embedding(len(vocabulary), self.embedding_dim, padding_idx=0)
 
-    def fit(self, captions: Sequence[str]) -> None:
+    def fit(self, captions: Sequence[str], max_vocabulary: int | None = None) -> None:
         from tbps.text.tokenizers import WordVocabulary
 
-        self._set_vocabulary(WordVocabulary.build(captions, min_count=self.min_count))
+        # Words seen at least min_count times, the most frequent max_vocabulary of them (ISANet: 5,000 / 3,000).
+        self._set_vocabulary(WordVocabulary.build(captions, min_count=self.min_count, max_size=max_vocabulary))
 
     # The vocabulary travels inside the state dict, so a checkpoint is self-contained.
     def get_extra_state(self) -> Any:

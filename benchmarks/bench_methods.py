@@ -134,6 +134,10 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     # below the positive; the hardest one, or every one, of each anchor instead.
     "isanet-GA-hardest": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.negative_sampling=hardest"]),
     "isanet-GA-all": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.negative_sampling=all"]),
+    # Diagnostics: GA and full ISANet at lr 1e-3 with three times the steps (954), to see whether
+    # the global branch keeps learning and whether the local alignment then adds to it.
+    "isanet-GA-lr1e-3-x3": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3", f"trainer.max_epochs={3 * EPOCHS}"]),
+    "isanet-lr1e-3-x3": ("isanet/synthetic", ISANET + ["optim.lr=1.0e-3", f"trainer.max_epochs={3 * EPOCHS}"]),
     # The same two at the lr where GA's features stay bounded (new layers 1e-3).
     "isanet-GA-lr1e-3-hardest": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3",
                                                                            "model.losses.negative_sampling=hardest"]),

@@ -200,8 +200,12 @@ def _cosine(progress: float, floor: float = 0.1) -> float:
          {0: 0.2, 3: 0.8, 4: 1.0, 30: 1.0, 59: 1.0}),
         ({**OPTIM, "scheduler": "multistep", "warmup_epochs": 0},  # no warm-up: full lr from step 0
          {0: 1.0, 19: 1.0, 20: 0.1, 40: 0.01}),
+        # A paper's 70-epoch schedule (10 warm-up, x0.1 at 30 and 50) scaled to 6 epochs: the
+        # fractions are kept, not truncated to epochs 2 and 4.
+        ({**OPTIM, "scheduler": "multistep", "warmup_epochs": 10 / 70 * 6, "milestones": [30 / 70 * 6, 50 / 70 * 6]},
+         {0: 1 / 8, 7: 1.0, 20: 1.0, 25: 1.0, 26: 0.1, 42: 0.1, 43: 0.01, 59: 0.01}),
     ],
-    ids=["cosine", "multistep", "constant", "multistep-no-warmup"],
+    ids=["cosine", "multistep", "constant", "multistep-no-warmup", "multistep-fractional"],
 )
 def test_schedule_lr_applied_per_step(optim, expected):
     applied = _applied_lrs(optim)

@@ -53,7 +53,8 @@ class EpochSchedule:
 
     * ``cosine``: from 1 down to ``min_lr_ratio`` over the rest of the segment;
     * ``multistep``: ``gamma ** n``, ``n`` = the ``milestones`` (epochs, counted from the start of
-      the run) passed since the segment began; during the warm-up the ramp multiplies it;
+      the run, fractions allowed: a paper's schedule scaled to a shorter run) passed since the
+      segment began; during the warm-up the ramp multiplies it;
     * ``constant``: 1.
 
     A restart thus returns the lr to its initial value and runs warm-up + decay again over the
@@ -68,7 +69,7 @@ class EpochSchedule:
         steps_per_epoch: int,
         max_epochs: int,
         warmup_epochs: float = 0.0,
-        milestones: Sequence[int] = (),
+        milestones: Sequence[float] = (),
         gamma: float = 0.1,
         min_lr_ratio: float = 0.0,
         restart_epochs: Sequence[int] = (),
@@ -94,7 +95,9 @@ class EpochSchedule:
         self.steps_per_epoch = int(steps_per_epoch)
         self.max_epochs = int(max_epochs)
         self.warmup_steps = int(float(warmup_epochs) * steps_per_epoch)
-        self.milestones = sorted(int(m) for m in milestones or ())
+        # The step each milestone takes effect at (epoch 2.5 of 10-step epochs: step 25).
+        self.milestones = sorted(float(m) for m in milestones or ())
+        self.milestone_steps = [round(m * steps_per_epoch) for m in self.milestones]
         self.gamma = float(gamma)
         self.min_lr_ratio = float(min_lr_ratio)
         # Restart at epoch 0 is the start of the run itself.
@@ -121,7 +124,7 @@ class EpochSchedule:
         if self.kind == "constant":
             return ramp
         if self.kind == "multistep":
-            passed = sum(1 for m in self.milestones if first_epoch < m and m * self.steps_per_epoch <= step)
+            passed = sum(1 for m, at in zip(self.milestones, self.milestone_steps) if first_epoch < m and at <= step)
             return ramp * self.gamma**passed
         if local < self.warmup_steps:
             return ramp

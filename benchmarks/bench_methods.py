@@ -226,8 +226,10 @@ def score_run(name: str, report: dict, top_ks: list[int]) -> dict:
                 similarity = method.global_similarity(text_features, image_features)
             elif mode == "local":
                 method.test_similarity = "local"  # the fine score alone (NAFS eq. 5), same features
-                similarity = score_features(method, text_features, image_features, **options)
-                method.test_similarity = "global+local"
+                try:
+                    similarity = score_features(method, text_features, image_features, **options)
+                finally:
+                    method.test_similarity = "global+local"
             else:
                 similarity = score_features(method, text_features, image_features, **options)
         seconds = time.perf_counter() - started

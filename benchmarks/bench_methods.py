@@ -148,6 +148,20 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     # the global branch keeps learning and whether the local alignment then adds to it.
     "isanet-GA-lr1e-3-x3": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3", f"trainer.max_epochs={3 * EPOCHS}"]),
     "isanet-lr1e-3-x3": ("isanet/synthetic", ISANET + ["optim.lr=1.0e-3", f"trainer.max_epochs={3 * EPOCHS}"]),
+    # Which of ISANet's local modules costs its GA at that budget (Table III rows 2 and 3).
+    "isanet-GA+ILA-lr1e-3-x3": ("isanet/synthetic", ISANET + ["model.rgl.mode=none", "model.caf.mode=none",
+                                                              "optim.lr=1.0e-3", f"trainer.max_epochs={3 * EPOCHS}"]),
+    "isanet-GA+ILA+RGL-lr1e-3-x3": ("isanet/synthetic", ISANET + ["model.caf.mode=none",
+                                                                  "optim.lr=1.0e-3", f"trainer.max_epochs={3 * EPOCHS}"]),
+    # The other methods and their global-only rows over the same 954 steps (against baseline-x3);
+    # LAIP's stage 2 keeps its last third of the run.
+    "acsa-x3": ("acsa/synthetic", MINILM + [f"trainer.max_epochs={3 * EPOCHS}"]),
+    "acsa-I-x3": ("acsa/synthetic", MINILM + ["model.relations=I", f"trainer.max_epochs={3 * EPOCHS}"]),
+    "nafs-x3": ("nafs/synthetic", MINILM + [f"trainer.max_epochs={3 * EPOCHS}"]),
+    "nafs-global-x3": ("nafs/synthetic", MINILM + ["model.scales=global", f"trainer.max_epochs={3 * EPOCHS}"]),
+    "laip-x3": ("laip/synthetic", MINILM + LAIP + [f"trainer.max_epochs={3 * EPOCHS}", "model.local_losses_start_epoch=12"]),
+    "laip-itc+itm-x3": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0", "model.losses.bidiratt=0",
+                                                           f"trainer.max_epochs={3 * EPOCHS}", "model.local_losses_start_epoch=12"]),
     # The same two at the lr where GA's features stay bounded (new layers 1e-3).
     "isanet-GA-lr1e-3-hardest": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3",
                                                                            "model.losses.negative_sampling=hardest"]),

@@ -167,6 +167,10 @@ SUITE: dict[str, tuple[str, list[str]]] = {
                                                                            "model.losses.negative_sampling=hardest"]),
     "isanet-GA-lr1e-3-all": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3",
                                                                        "model.losses.negative_sampling=all"]),
+    # Full ISANet with every negative (GA learns about 3x as fast with it as with SSAN's sampling).
+    "isanet-lr1e-3-all": ("isanet/synthetic", ISANET + ["optim.lr=1.0e-3", "model.losses.negative_sampling=all"]),
+    "isanet-lr1e-3-all-x3": ("isanet/synthetic", ISANET + ["optim.lr=1.0e-3", "model.losses.negative_sampling=all",
+                                                           f"trainer.max_epochs={3 * EPOCHS}"]),
     "isanet-minilm": ("isanet/synthetic", ISANET + MINILM + [f"model.text_backbone.{key}=null" for key in
                                                              ("embedding_dim", "hidden_size", "min_count", "combine")]),
     "laip": ("laip/synthetic", MINILM + LAIP),

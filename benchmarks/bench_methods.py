@@ -88,6 +88,13 @@ LAIP = ["optim.lr=1.0e-3", "optim.backbone_lr_mult=0.1", "model.local_losses_sta
 # scaled to this run's length in place of the common half-epoch warm-up and cosine.
 ISANET_PAPER_SCHEDULE = ["optim.scheduler=multistep", f"optim.warmup_epochs={10 / 70 * EPOCHS:.4f}",
                          f"optim.milestones=[{30 / 70 * EPOCHS:.4f},{50 / 70 * EPOCHS:.4f}]", "optim.gamma=0.1"]
+# SSAN's lr (the recipe ISANet follows): 1e-3 for the new layers, backbone x0.1.
+ISANET_SSAN_LR = ["optim.lr=1.0e-3"]
+# Three times the common budget: 18 epochs = 954 steps. LAIP's stage 2 keeps the last third.
+X3 = [f"trainer.max_epochs={3 * EPOCHS}"]
+LAIP_X3 = X3 + ["model.local_losses_start_epoch=12"]
+# LAIP's Table IV row 1: ITC + ITM only (no triplet, MPM or BidirAtt).
+LAIP_ITC_ITM = ["model.losses.triplet=0", "model.losses.mpm=0", "model.losses.bidiratt=0"]
 # Table III row 1: ISANet's global alignment alone.
 ISANET_GA = ["model.local_alignment=false", "model.rgl.mode=none", "model.caf.mode=none"]
 # The baseline's global recipe (avg+max image pooling, CMPC weight 1, lr 2e-3) inside ACSA.
@@ -98,7 +105,7 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "baseline": ("baseline/synthetic", MINILM),
     "baseline-bilstm": ("baseline/synthetic", BILSTM_BASELINE),
     # The baseline over three times the steps (954): the bar for the "-x3" rows below.
-    "baseline-x3": ("baseline/synthetic", MINILM + [f"trainer.max_epochs={3 * EPOCHS}"]),
+    "baseline-x3": ("baseline/synthetic", MINILM + X3),
     "nafs": ("nafs/synthetic", MINILM),
     "nafs-global": ("nafs/synthetic", MINILM + ["model.scales=global"]),                     # Table 2 "Global"
     "nafs-separate": ("nafs/synthetic", MINILM + ["model.alignment=separate"]),              # Table 3
@@ -124,14 +131,14 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "isanet-rga": ("isanet/synthetic", ISANET + ["model.rgl.mode=rga"]),
     "isanet-no-cons": ("isanet/synthetic", ISANET + ["model.losses.consistency=0"]),           # the "w/o L_cons" ablation
     # Diagnostic: ISANet at a tenth of the paper's lr (new layers 1e-3, backbone 1e-4).
-    "isanet-lr1e-3": ("isanet/synthetic", ISANET + ["optim.lr=1.0e-3"]),
+    "isanet-lr1e-3": ("isanet/synthetic", ISANET + ISANET_SSAN_LR),
     # Diagnostics: which of GA's two losses (eq. 17's ID, eqs. 18-19's ranking) trains it, and
     # whether the Bi-LSTM trained from scratch is what holds ISANet back (MiniLM as the other rows).
     "isanet-GA-id-only": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.rank=0"]),
     "isanet-GA-rank-only": ("isanet/synthetic", ISANET + ISANET_GA + ["model.losses.id=0"]),
     # Diagnostics: GA at a tenth and a hundredth of the paper's lr (Adam at 1e-2 moves W_g's
     # outputs by several units a step: its inputs are the backbone's raw 1280 channels).
-    "isanet-GA-lr1e-3": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3"]),
+    "isanet-GA-lr1e-3": ("isanet/synthetic", ISANET + ISANET_GA + ISANET_SSAN_LR),
     "isanet-GA-lr1e-4": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-4"]),
     # Diagnostic: SSAN's text branch regularises the word embeddings with dropout 0.3 (its code;
     # neither paper says so); ISANet's caption features collapse without it.
@@ -144,45 +151,38 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     # not 1/12), GA and full ISANet.
     "isanet-GA-paper-schedule": ("isanet/synthetic", ISANET + ISANET_GA + ISANET_PAPER_SCHEDULE),
     "isanet-paper-schedule": ("isanet/synthetic", ISANET + ISANET_PAPER_SCHEDULE),
-    # Diagnostics: GA and full ISANet at lr 1e-3 with three times the steps (954), to see whether
-    # the global branch keeps learning and whether the local alignment then adds to it.
-    "isanet-GA-lr1e-3-x3": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3", f"trainer.max_epochs={3 * EPOCHS}"]),
-    "isanet-lr1e-3-x3": ("isanet/synthetic", ISANET + ["optim.lr=1.0e-3", f"trainer.max_epochs={3 * EPOCHS}"]),
-    # Which of ISANet's local modules costs its GA at that budget (Table III rows 2 and 3).
-    "isanet-GA+ILA-lr1e-3-x3": ("isanet/synthetic", ISANET + ["model.rgl.mode=none", "model.caf.mode=none",
-                                                              "optim.lr=1.0e-3", f"trainer.max_epochs={3 * EPOCHS}"]),
-    "isanet-GA+ILA+RGL-lr1e-3-x3": ("isanet/synthetic", ISANET + ["model.caf.mode=none",
-                                                                  "optim.lr=1.0e-3", f"trainer.max_epochs={3 * EPOCHS}"]),
-    # The other methods and their global-only rows over the same 954 steps (against baseline-x3);
-    # LAIP's stage 2 keeps its last third of the run.
-    "acsa-x3": ("acsa/synthetic", MINILM + [f"trainer.max_epochs={3 * EPOCHS}"]),
-    "acsa-I-x3": ("acsa/synthetic", MINILM + ["model.relations=I", f"trainer.max_epochs={3 * EPOCHS}"]),
-    "nafs-x3": ("nafs/synthetic", MINILM + [f"trainer.max_epochs={3 * EPOCHS}"]),
-    "nafs-global-x3": ("nafs/synthetic", MINILM + ["model.scales=global", f"trainer.max_epochs={3 * EPOCHS}"]),
-    "laip-x3": ("laip/synthetic", MINILM + LAIP + [f"trainer.max_epochs={3 * EPOCHS}", "model.local_losses_start_epoch=12"]),
-    "laip-itc+itm-x3": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0", "model.losses.bidiratt=0",
-                                                           f"trainer.max_epochs={3 * EPOCHS}", "model.local_losses_start_epoch=12"]),
-    # The same two at the lr where GA's features stay bounded (new layers 1e-3).
-    "isanet-GA-lr1e-3-hardest": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3",
-                                                                           "model.losses.negative_sampling=hardest"]),
-    "isanet-GA-lr1e-3-all": ("isanet/synthetic", ISANET + ISANET_GA + ["optim.lr=1.0e-3",
-                                                                       "model.losses.negative_sampling=all"]),
+    # The same two at SSAN's lr, where GA's features stay bounded.
+    "isanet-GA-lr1e-3-hardest": ("isanet/synthetic", ISANET + ISANET_GA + ISANET_SSAN_LR + ["model.losses.negative_sampling=hardest"]),
+    "isanet-GA-lr1e-3-all": ("isanet/synthetic", ISANET + ISANET_GA + ISANET_SSAN_LR + ["model.losses.negative_sampling=all"]),
     # Full ISANet with every negative (GA learns about 3x as fast with it as with SSAN's sampling).
-    "isanet-lr1e-3-all": ("isanet/synthetic", ISANET + ["optim.lr=1.0e-3", "model.losses.negative_sampling=all"]),
-    "isanet-lr1e-3-all-x3": ("isanet/synthetic", ISANET + ["optim.lr=1.0e-3", "model.losses.negative_sampling=all",
-                                                           f"trainer.max_epochs={3 * EPOCHS}"]),
+    "isanet-lr1e-3-all": ("isanet/synthetic", ISANET + ISANET_SSAN_LR + ["model.losses.negative_sampling=all"]),
+    "isanet-lr1e-3-all-x3": ("isanet/synthetic", ISANET + ISANET_SSAN_LR + ["model.losses.negative_sampling=all"] + X3),
+    # Diagnostics: GA and full ISANet at SSAN's lr with three times the steps, to see whether the
+    # global branch keeps learning and whether the local alignment then adds to it.
+    "isanet-GA-lr1e-3-x3": ("isanet/synthetic", ISANET + ISANET_GA + ISANET_SSAN_LR + X3),
+    "isanet-lr1e-3-x3": ("isanet/synthetic", ISANET + ISANET_SSAN_LR + X3),
+    # Which of ISANet's local modules costs its GA at that budget (Table III rows 2 and 3).
+    "isanet-GA+ILA-lr1e-3-x3": ("isanet/synthetic", ISANET + ["model.rgl.mode=none", "model.caf.mode=none"] + ISANET_SSAN_LR + X3),
+    "isanet-GA+ILA+RGL-lr1e-3-x3": ("isanet/synthetic", ISANET + ["model.caf.mode=none"] + ISANET_SSAN_LR + X3),
     "isanet-minilm": ("isanet/synthetic", ISANET + MINILM + [f"model.text_backbone.{key}=null" for key in
                                                              ("embedding_dim", "hidden_size", "min_count", "combine")]),
     "laip": ("laip/synthetic", MINILM + LAIP),
     # Table IV: row 1 ITC + ITM; rows 3-5 + one attention (no MPM, no triplet); 8 = laip (all).
     # Row 2 is row 1 fine-tuned on COCO first: no switch, no offline data.
-    "laip-itc+itm": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0", "model.losses.bidiratt=0"]),
+    "laip-itc+itm": ("laip/synthetic", MINILM + LAIP + LAIP_ITC_ITM),
     "laip-+triplet": ("laip/synthetic", MINILM + LAIP + ["model.losses.mpm=0", "model.losses.bidiratt=0"]),  # row 8 without the local stream
     "laip-forward": ("laip/synthetic", MINILM + LAIP + ["model.attention_mode=forward"]),    # row 8 with ForAtt for BidirAtt
     "laip-backward": ("laip/synthetic", MINILM + LAIP + ["model.attention_mode=backward"]),  # row 8 with BackAtt for BidirAtt
     "laip-row3": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0", "model.attention_mode=forward"]),  # ForAtt only
     "laip-row5": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0", "model.losses.mpm=0"]),  # BidirAtt only
     "laip-row7": ("laip/synthetic", MINILM + LAIP + ["model.losses.triplet=0"]),  # BidirAtt + MPM, no triplet
+    # Each method and its global-only row over the same 954 steps (against baseline-x3).
+    "acsa-x3": ("acsa/synthetic", MINILM + X3),
+    "acsa-I-x3": ("acsa/synthetic", MINILM + ["model.relations=I"] + X3),
+    "nafs-x3": ("nafs/synthetic", MINILM + X3),
+    "nafs-global-x3": ("nafs/synthetic", MINILM + ["model.scales=global"] + X3),
+    "laip-x3": ("laip/synthetic", MINILM + LAIP + LAIP_X3),
+    "laip-itc+itm-x3": ("laip/synthetic", MINILM + LAIP + LAIP_ITC_ITM + LAIP_X3),
 }
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 

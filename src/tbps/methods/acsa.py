@@ -246,6 +246,7 @@ def pool_sentence(tokens: Tensor, mask: Tensor, sentence: Tensor, mode: str) -> 
 @register_method("acsa")
 class ACSA(PersonSearchMethod):
     description = "ACSA: Swin-T body regions + BERT noun phrases, asymmetric cross-scale attention (image/region-phrase)"
+
     @property
     def has_fine_similarity(self) -> bool:  # type: ignore[override]
         """The cross-attention score exists (relations beyond I) and is used at test."""

@@ -734,7 +734,8 @@ class ISANet(PersonSearchMethod):
         self.global_dim = int(option(config, "global_dim", 2048))  # d_g
         self.local_dim = int(option(config, "local_dim", 512))  # d_c
         self.max_text_length = int(option(config, "max_text_length", 100))  # L
-        self.vocabulary_size = option(config, "vocabulary_size", None)  # V (None: every word over min_count)
+        vocabulary_size = option(config, "vocabulary_size", None)  # V (None: every word over min_count)
+        self.vocabulary_size = int(vocabulary_size) if vocabulary_size else None
         self.use_global_alignment = bool(option(config, "global_alignment", True))
         self.use_local_alignment = bool(option(config, "local_alignment", True))
         rgl_config, caf_config, ila_config = (option(config, key, {}) or {} for key in ("rgl", "caf", "ila"))
@@ -879,7 +880,7 @@ class ISANet(PersonSearchMethod):
     # ------------------------------------------------------------------ text input
     def fit_text(self, captions: Sequence[str]) -> None:
         # The paper keeps words seen more than twice, capped at V (5,000 / 3,000).
-        self.text_backbone.fit(captions, max_vocabulary=int(self.vocabulary_size) if self.vocabulary_size else None)
+        self.text_backbone.fit(captions, max_vocabulary=self.vocabulary_size)
 
     def build_text_processor(self) -> TextProcessor:
         return self.text_backbone.build_processor(self.max_text_length)

@@ -157,6 +157,8 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     # Full ISANet with every negative (GA learns about 3x as fast with it as with SSAN's sampling).
     "isanet-lr1e-3-all": ("isanet/synthetic", ISANET + ISANET_SSAN_LR + ["model.losses.negative_sampling=all"]),
     "isanet-lr1e-3-all-x3": ("isanet/synthetic", ISANET + ISANET_SSAN_LR + ["model.losses.negative_sampling=all"] + X3),
+    # ... and its global-only row at the same 954 steps, the bar full ISANet must clear.
+    "isanet-GA-lr1e-3-all-x3": ("isanet/synthetic", ISANET + ISANET_GA + ISANET_SSAN_LR + ["model.losses.negative_sampling=all"] + X3),
     # Diagnostics: GA and full ISANet at SSAN's lr with three times the steps, to see whether the
     # global branch keeps learning and whether the local alignment then adds to it.
     "isanet-GA-lr1e-3-x3": ("isanet/synthetic", ISANET + ISANET_GA + ISANET_SSAN_LR + X3),

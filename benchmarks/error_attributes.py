@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from tbps.data.readers import val_split_seed
-from tbps.data.synth import DESCRIBED_ATTRIBUTES, tokenize
+from tbps.data.datasets import build_queries
+from tbps.data.synth import ANNOTATION_FILE, DESCRIBED_ATTRIBUTES, colour_words, tokenize
 from tbps.engine.checkpoint import load_method
 from tbps.engine.datamodule import load_configured_dataset
-from tbps.evaluation.evaluator import encode_image_batches, encode_text_batches, eval_loaders, score_features
+from tbps.evaluation.evaluator import evaluate_split
 from tbps.utils import atomic_write
 from tbps.utils.notices import quiet_library_notices
 
@@ -71,10 +72,9 @@ def classify_errors(queries: list[tuple[int, str]], found: list[int], attributes
             key = differing[0]
             attribute_errors[key] += 1
             part_errors[BODY_PART[key]] += 1
-            words = set(tokenize(caption))
             colour = wanted[key]
-            if key.endswith("_colour") and isinstance(colour, str) and colour not in words \
-                    and not (colour == "grey" and "gray" in words):
+            if key.endswith("_colour") and isinstance(colour, str) \
+                    and set(tokenize(caption)).isdisjoint(colour_words(key, colour)):
                 unresolvable += 1
     wrong = sum(distance.values())
     return {
@@ -91,18 +91,14 @@ def classify_errors(queries: list[tuple[int, str]], found: list[int], attributes
 def analyse(checkpoint: Path) -> dict:
     """Rank the test split with the checkpoint's own test similarity and classify its errors."""
     method, config = load_method(checkpoint)
-    method.eval()
     data = config["data"]
-    dataset = load_configured_dataset(data, val_split_seed(config))
-    records = dataset.split("test")
-    attributes = identity_attributes(Path(data["root"]) / "reid_raw.json")  # what `tbps data synth` writes
-    gallery, queries = eval_loaders(records, method, data["image_size"], batch_size=int(data["eval_batch_size"]))
+    records = load_configured_dataset(data, val_split_seed(config)).split("test")
+    attributes = identity_attributes(Path(data["root"]) / ANNOTATION_FILE)
     with torch.inference_mode():
-        image_features = encode_image_batches(method, gallery)
-        text_features = encode_text_batches(method, queries)
-        similarity = score_features(method, text_features, image_features, rerank="none")
-    found = [records[index].person_id for index in similarity.argmax(dim=1).tolist()]
-    return classify_errors([(q.person_id, q.caption) for q in queries.dataset.queries], found, attributes)
+        ranked = evaluate_split(method, records, data["image_size"], batch_size=int(data["eval_batch_size"]),
+                                return_similarity=True)
+    found = ranked["gallery_ids"][ranked["similarity"].argmax(dim=1)].tolist()
+    return classify_errors([(q.person_id, q.caption) for q in build_queries(records)], found, attributes)
 
 
 def main() -> None:

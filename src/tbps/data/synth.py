@@ -349,6 +349,13 @@ def tokenize(caption: str) -> list[str]:
 _COLOUR_WORDS = {c: [c] for c in ALL_COLOURS} | {"grey": ["grey", "gray"]}
 _HAIR_COLOUR_WORDS = {"black": ["black"], "brown": ["brown"], "blonde": ["blonde"], "grey": ["grey", "gray"],
                       "red": ["red"]}
+
+
+def colour_words(attribute: str, colour: str) -> list[str]:
+    """The words a caption may use for ``colour`` as the value of a ``*_colour`` attribute."""
+    return (_HAIR_COLOUR_WORDS if attribute == "hair_colour" else _COLOUR_WORDS)[colour]
+
+
 _HAIR_LENGTH_WORDS = {"short": ["short"], "medium": ["shoulder-length", "medium-length"], "long": ["long"]}
 _UPPER_NOUNS = {"t-shirt": ["t-shirt", "tee"], "shirt": ["shirt", "button-up shirt"], "jacket": ["jacket"],
                 "coat": ["coat", "overcoat"], "hoodie": ["hoodie", "hooded sweatshirt"],
